@@ -1,0 +1,169 @@
+"""Typed configs as dataclasses, round-tripped through YAML.
+
+A run is configured by (defaults) <- ``--config FILE.yaml`` <- command-line flags; the fully
+resolved result is written to the run dir's ``config.yaml``, which is enough to rerun or resume it.
+Unknown keys in a file are an error (a typo must not be silently ignored).
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from klgrade import io
+
+
+class ConfigError(ValueError):
+    """A config file or value that cannot be used; the message names the file and the key."""
+
+
+@dataclass
+class AugmentConfig:
+    """Tensor augmentations applied on the device, per batch (see klgrade.data.dataset.Augment).
+
+    Ranges are kept small so the anatomy stays plausible: a knee radiograph is acquired in a
+    standard position, so large rotations or shears would teach the model images it never sees.
+    """
+    enabled: bool = True
+    hflip: float = 0.5  # probability; left/right knees are mirror images of each other
+    rotate_deg: float = 7.0  # +- degrees
+    scale: float = 0.08  # +- relative zoom
+    translate: float = 0.05  # +- fraction of the image size
+    brightness: float = 0.08  # +- additive shift of [0,1] intensities
+    contrast: float = 0.15  # +- relative contrast around the image mean
+    gamma: float = 0.2  # log-uniform gamma in [1/(1+g), 1+g]
+
+
+@dataclass
+class TrainConfig:
+    """Everything a CNN run needs; written to ``<run>/config.yaml`` fully resolved."""
+    kind: str = "cnn"
+    name: str | None = None
+    data: str | None = None  # dataset dir (manifest.csv)
+    model: str = "resnet18"  # registry name or any timm model name
+    weights: str = "auto"  # auto | none | PATH
+    img_size: int | None = None  # None -> the registry's input size
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 5.0  # max global grad norm (0 = off)
+    loss: str = "sord"  # sord (soft ordinal labels) | ce | focal
+    class_weights: str = "sqrt"  # sqrt | inverse | none: KL1 and KL4 are rare
+    label_smoothing: float = 0.0  # ce / focal only
+    sord_scale: float = 1.0  # sord: width of the soft labels (bigger = sharper)
+    drop_rate: float = 0.0  # dropout before the classifier
+    drop_path_rate: float = 0.0  # stochastic depth (ConvNeXt)
+    patience: int = 0  # stop after this many epochs without a better val QWK (0 = never)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    workers: int = 0  # DataLoader worker processes
+    amp: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
+    channels_last: bool = True  # on GPU
+    val_fraction: float = 0.1  # patient-level hold-out of train when the manifest has no 'val'
+    tta: str = "flip"  # none | flip: for the predictions written at the end of training
+    eval_batch_size: int = 64
+    cache_dir: str | None = None  # decode cache (default $KLGRADE_CACHE or ~/.cache/klgrade)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, where: str = "config") -> TrainConfig:
+        checks = [
+            (self.kind == "cnn", f"kind must be 'cnn' for a CNN run, got {self.kind!r}"),
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.img_size is None or self.img_size >= 16, "img_size must be >= 16"),
+            (0 < self.val_fraction < 1, "val_fraction must lie in (0, 1)"),
+            (self.loss in ("sord", "ce", "focal"), f"loss must be sord, ce or focal, got {self.loss!r}"),
+            (self.class_weights in ("sqrt", "inverse", "none"),
+             f"class_weights must be sqrt, inverse or none, got {self.class_weights!r}"),
+            (self.tta in ("none", "flip"), f"tta must be none or flip, got {self.tta!r}"),
+            (self.workers >= 0, "workers must be >= 0"),
+        ]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ConfigError(f"{where}: " + "; ".join(bad))
+        return self
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value, tp, key: str, where: str):
+    """Check/convert a YAML scalar to the field's declared type (int -> float is allowed)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: '{key}' must be a mapping, got {value!r}")
+        return from_dict(tp, value, where=where, prefix=f"{key}.")
+    if tp is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{where}: '{key}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def from_dict(cls, data: dict, where: str = "config", prefix: str = ""):
+    """Build dataclass ``cls`` from a dict; unknown keys and wrong types raise ConfigError."""
+    types_ = _field_types(cls)
+    unknown = sorted(set(data) - set(types_))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {[prefix + k for k in unknown]}; "
+                          f"known: {sorted(types_)}")
+    kwargs = {k: _coerce(v, types_[k], prefix + k, where) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config file not found")
+    try:
+        data = io.read_yaml(path) or {}
+    except Exception as e:  # noqa: BLE001 - any YAML error is reported the same way
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    return from_dict(TrainConfig, data, where=str(path)).validate(str(path))
+
+
+def apply_overrides(cfg, overrides: dict, where: str = "command line"):
+    """Return a copy of ``cfg`` with non-None ``overrides`` applied; 'augment.rotate_deg' style keys
+    reach nested configs."""
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return from_dict(type(cfg), data, where=where)
+
+
+def save_config(cfg, path: str | Path, extra: dict | None = None) -> None:
+    """Write the resolved config (plus ``extra`` facts such as the resolved image size) atomically."""
+    data = to_dict(cfg)
+    if extra:
+        data.update(extra)
+    io.write_yaml(path, data)

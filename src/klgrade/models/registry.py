@@ -1,0 +1,98 @@
+"""The one registry of models klgrade knows: end-to-end CNNs and frozen embedders.
+
+Each entry says how to build the network, what input it expects (size, normalisation) and where its
+pretrained weights come from. Builders live in models/cnn.py and models/embedders.py; they look up
+entries here. Any timm model name not listed is accepted as a CNN with timm's own defaults.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    kind: str  # "cnn" (trained end to end) or "embedder" (frozen, feeds a head)
+    library: str  # "timm", "open_clip" or "transformers"
+    arch: str  # the library's own model name / config name
+    hub_id: str | None  # where pretrained weights come from (HF hub id or timm pretrained tag)
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    embed_dim: int | None = None
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class WeightsError(RuntimeError):
+    """Pretrained weights that cannot be had; the message lists the three ways out."""
+
+    def __init__(self, model: str, detail: str):
+        super().__init__(
+            f"no pretrained weights for '{model}': {detail}.\n"
+            "Options: --weights auto (download from the hub when online, or use the local hub cache; "
+            "unset HF_HUB_OFFLINE to allow downloads), --weights PATH (a local checkpoint/safetensors "
+            "file or a folder in the hub's layout), or --weights none (random initialisation)."
+        )
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+# End-to-end CNNs (the study's approaches 1 and 2). Tiny timm test models make tests fast.
+for _name, _arch, _desc in [
+    ("resnet18", "resnet18.a1_in1k", "ResNet18 (study approach 2)"),
+    ("convnext_tiny", "convnext_tiny.fb_in22k_ft_in1k", "ConvNeXt-T (study approach 1)"),
+    ("convnext_small", "convnext_small.fb_in22k_ft_in1k", "ConvNeXt-S"),
+    ("test_resnet", "test_resnet.r160_in1k", "tiny ResNet for tests"),
+    ("test_convnext", "test_convnext.r160_in1k", "tiny ConvNeXt for tests"),
+]:
+    register(ModelSpec(name=_name, kind="cnn", library="timm", arch=_arch, hub_id=f"timm/{_arch}",
+                       description=_desc))
+
+# Frozen foundation-model embedders (the study's approach 3 and peers).
+register(ModelSpec(
+    name="biomedclip", kind="embedder", library="open_clip",
+    arch="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+    hub_id="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+    mean=CLIP_MEAN, std=CLIP_STD, embed_dim=512,
+    description="BioMedCLIP ViT-B/16 image tower, 512-d projected embedding (768-d pre-projection with --features pre)",
+))
+register(ModelSpec(
+    name="clip-vit-b16", kind="embedder", library="open_clip", arch="ViT-B-16", hub_id="timm/vit_base_patch16_clip_224.openai",
+    mean=CLIP_MEAN, std=CLIP_STD, embed_dim=512, description="OpenAI CLIP ViT-B/16 image tower",
+    extra={"pretrained_tag": "openai"},
+))
+register(ModelSpec(
+    name="dinov2-base", kind="embedder", library="timm", arch="vit_base_patch14_dinov2.lvd142m",
+    hub_id="timm/vit_base_patch14_dinov2.lvd142m", input_size=518, embed_dim=768,
+    description="DINOv2 ViT-B/14 (timm), CLS token",
+))
+register(ModelSpec(
+    name="rad-dino", kind="embedder", library="transformers", arch="microsoft/rad-dino",
+    hub_id="microsoft/rad-dino", input_size=518, mean=(0.5307, 0.5307, 0.5307), std=(0.2583, 0.2583, 0.2583),
+    embed_dim=768, description="RAD-DINO (chest X-ray DINOv2 ViT-B/14), CLS token",
+))
+
+
+def get_spec(name: str) -> ModelSpec:
+    """Registry entry for ``name``; unknown names are treated as timm CNNs."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    return ModelSpec(name=name, kind="cnn", library="timm", arch=name, hub_id=None,
+                     description="timm model (not in klgrade's registry)")
+
+
+def list_models(kind: str | None = None) -> list[ModelSpec]:
+    return [s for s in REGISTRY.values() if kind is None or s.kind == kind]

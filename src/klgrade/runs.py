@@ -1,0 +1,81 @@
+"""Run dirs: the one format shared by CNN runs and embedding-head runs.
+
+    config.yaml            fully resolved config (enough to rerun)
+    checkpoint.pt          best model (by validation QWK); last.pt for resume (CNN runs)
+    history.csv            one row per epoch
+    predictions_<split>.csv  image_id, patient_id, klg, pred, p0..p4
+    metrics_<split>.json   klgrade.evaluate.metrics.compute_metrics output
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from klgrade import io
+from klgrade.evaluate.metrics import N_GRADES, compute_metrics
+
+PROB_COLUMNS = [f"p{g}" for g in range(N_GRADES)]
+PRED_COLUMNS = ["image_id", "patient_id", "klg", "pred"] + PROB_COLUMNS
+
+
+class RunError(ValueError):
+    """A directory that is not a usable klgrade run."""
+
+
+def predictions_frame(meta: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
+    """Build a predictions table from manifest rows (image_id, patient_id, klg) and n x 5 probs."""
+    probs = np.asarray(probs, dtype=float)
+    if probs.shape != (len(meta), N_GRADES):
+        raise ValueError(f"probs shape {probs.shape} does not match {len(meta)} rows x {N_GRADES} grades")
+    out = pd.DataFrame({
+        "image_id": meta["image_id"].astype(str).to_numpy(),
+        "patient_id": meta["patient_id"].astype(str).to_numpy(),
+        "klg": meta["klg"].astype(int).to_numpy(),
+        "pred": probs.argmax(axis=1),
+    })
+    for g, col in enumerate(PROB_COLUMNS):
+        out[col] = probs[:, g]
+    return out
+
+
+def write_predictions(run_dir: str | Path, split: str, meta: pd.DataFrame, probs: np.ndarray,
+                      extra_metrics: dict | None = None) -> dict:
+    """Write predictions_<split>.csv and metrics_<split>.json atomically; return the metrics."""
+    run_dir = Path(run_dir)
+    preds = predictions_frame(meta, probs)
+    io.write_csv(run_dir / f"predictions_{split}.csv", preds, float_format="%.6f")
+    metrics = compute_metrics(preds["klg"], preds["pred"], preds[PROB_COLUMNS].to_numpy())
+    if extra_metrics:
+        metrics.update(extra_metrics)
+    io.write_json(run_dir / f"metrics_{split}.json", metrics)
+    return metrics
+
+
+def read_predictions(run_dir: str | Path, split: str) -> pd.DataFrame:
+    path = Path(run_dir) / f"predictions_{split}.csv"
+    if not path.is_file():
+        have = sorted(p.stem.removeprefix("predictions_") for p in Path(run_dir).glob("predictions_*.csv"))
+        raise RunError(f"{run_dir}: no predictions for split '{split}' (has: {have or 'none'}); "
+                       f"run `klgrade evaluate --run {run_dir} --split {split}`")
+    df = pd.read_csv(path, dtype={"image_id": str, "patient_id": str})
+    missing = [c for c in PRED_COLUMNS if c not in df.columns]
+    if missing:
+        raise RunError(f"{path}: missing column(s) {missing}")
+    return df
+
+
+def read_config(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise RunError(f"{run_dir}: not a klgrade run (no config.yaml)")
+    return io.read_yaml(path)
+
+
+def run_name(run_dir: str | Path) -> str:
+    """Display name of a run: config 'name' if set, else the folder name."""
+    try:
+        return read_config(run_dir).get("name") or Path(run_dir).name
+    except RunError:
+        return Path(run_dir).name
