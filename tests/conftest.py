@@ -52,3 +52,30 @@ def synth_dicom(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth_dicom")
     write_dicom_tree(out, n_patients=6, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn_run(synth_png, tmp_path_factory) -> Path:
+    """A CNN run dir (timm test_resnet, 64 px, a few epochs on synth_png) for the clinic tests."""
+    from klgrade.config import TrainConfig, apply_overrides
+    from klgrade.train.loop import train
+
+    out = tmp_path_factory.mktemp("clinic_runs") / "tiny_cnn"
+    cfg = apply_overrides(TrainConfig(data=str(synth_png)), dict(
+        model="test_resnet", weights="none", img_size=64, epochs=4, batch_size=16, lr=3e-3, tta="none",
+        **{"augment.enabled": False}))
+    train(cfg, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def bilateral_dicom(tmp_path_factory) -> tuple[Path, dict]:
+    """A synthetic bilateral PA knee DICOM (right KL0, left KL4; 0.25 mm/px) and its truth."""
+    import numpy as np
+
+    from klgrade.data.synthetic import bilateral_dataset, render_bilateral, save_dataset, to_stored
+
+    img, truth = render_bilateral(0, 4, np.random.default_rng(3), spacing_mm=0.25, shape=(720, 1040))
+    path = tmp_path_factory.mktemp("clinic_dicom") / "bilateral.dcm"
+    save_dataset(bilateral_dataset(to_stored(img), 0.25, uid_seed=3), path)
+    return path, truth

@@ -35,6 +35,7 @@ class AugmentConfig:
     brightness: float = 0.08  # +- additive shift of [0,1] intensities
     contrast: float = 0.15  # +- relative contrast around the image mean
     gamma: float = 0.2  # log-uniform gamma in [1/(1+g), 1+g]
+    site_shift: bool = True  # + klgrade.data.site_shift.SiteShiftAugment (other sites' framing/contrast)
 
 
 @dataclass
@@ -143,6 +144,7 @@ def load_train_config(path: str | Path) -> TrainConfig:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys to values")
+    data.pop("resolved", None)  # a run's config.yaml can seed a new run: drop what it found out
     return from_dict(TrainConfig, data, where=str(path)).validate(str(path))
 
 

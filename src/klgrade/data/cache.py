@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from klgrade.data.images import load_view
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: canonical view (klgrade.data.canonical) replaced the centre crop
 
 
 def _cache_key(paths: Sequence[Path], size: int) -> str:

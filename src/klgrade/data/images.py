@@ -83,18 +83,24 @@ def to_gray_float(arr: np.ndarray, mode: str, path: str | Path = "<image>") -> n
     return np.clip(out, 0.0, 1.0)
 
 
-def square_view(img: np.ndarray, size: int) -> np.ndarray:
-    """Centre-crop a 2-D float image to a square and resize to ``size`` px; returns uint8."""
-    h, w = img.shape
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    crop = img[top : top + s, left : left + s]
-    im = Image.fromarray(np.clip(crop * 255.0 + 0.5, 0, 255).astype(np.uint8))
-    if s != size:
-        im = im.resize((size, size), Image.Resampling.BICUBIC if s < size else Image.Resampling.LANCZOS)
-    return np.asarray(im, dtype=np.uint8)
+def square_view(img: np.ndarray, size: int, spacing_mm=None) -> np.ndarray:
+    """The model's uint8 ``size`` x ``size`` view of a 2-D float image: the canonical view
+    (klgrade.data.canonical: joint-centred square of a fixed anatomical field of view, standardised
+    intensity). Use ``canonical_view`` directly to also get where the joint was found."""
+    from klgrade.data.canonical import canonical_view
+
+    return canonical_view(img, size, spacing_mm=spacing_mm)[0]
 
 
 def load_view(path: str | Path, size: int) -> np.ndarray:
-    """read_image + square_view: the uint8 ``size`` x ``size`` view the models consume."""
-    return square_view(read_image(path), size)
+    """read_image + square_view: the uint8 ``size`` x ``size`` view the models consume (DICOM
+    pixel spacing, when the file has one, sets the field of view in mm)."""
+    spacing = None
+    if is_dicom(path):
+        from klgrade.data.dicom import read_radiograph
+
+        rad = read_radiograph(path)
+        img, spacing = rad.pixels, getattr(rad, "spacing_mm", None)
+    else:
+        img = read_image(path)
+    return square_view(img, size, spacing_mm=spacing)

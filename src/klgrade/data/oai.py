@@ -212,7 +212,8 @@ def read_labels(paths, visits=None) -> Labels:
     df = df[keep]
     bad = df["klg"].isna() | ~df["klg"].isin([0, 1, 2, 3, 4])
     for r in df[bad].itertuples(index=False):
-        why = (f"no KL grade (missing code {r.klg_code})" if pd.isna(r.klg)
+        code = "empty" if r.klg_code == "blank" else f"missing code {r.klg_code}"
+        why = (f"no KL grade ({code})" if pd.isna(r.klg)
                else f"KL grade {r.klg:g} is not 0-4")
         dropped.append({"patient_id": r.patient_id, "visit": r.visit, "side": r.side, "file": r.file,
                         "reason": why})

@@ -244,7 +244,8 @@ def bootstrap_p_value(diff_samples) -> float:
 
     Percentile-interval inversion: p is the smallest 1-ci whose interval touches 0, i.e.
     2 x min(share <= 0, share >= 0), with the +1 correction so a finite bootstrap never reports
-    p = 0. Consistent with the CI: p < 0.05 exactly when the 95% interval excludes 0.
+    p = 0. Consistent with the CI: p < 0.05 (up to quantile interpolation) when the 95%
+    percentile interval excludes 0.
     """
     d = np.asarray(diff_samples, float)
     d = d[np.isfinite(d)]

@@ -68,11 +68,19 @@ register(ModelSpec(
     hub_id="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
     mean=CLIP_MEAN, std=CLIP_STD, embed_dim=512,
     description="BioMedCLIP ViT-B/16 image tower, 512-d projected embedding (768-d pre-projection with --features pre)",
+    # The hub's open_clip_config.json (image part); used for --weights none/FILE so that random init
+    # needs no network. Hub/folder weights use the config stored next to them.
+    extra={"open_clip_config": {
+        "model_cfg": {"embed_dim": 512, "vision_cfg": {
+            "timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False,
+            "timm_pool": "", "timm_proj": "linear", "image_size": 224}},
+        "preprocess_cfg": {"mean": list(CLIP_MEAN), "std": list(CLIP_STD)},
+    }},
 ))
 register(ModelSpec(
     name="clip-vit-b16", kind="embedder", library="open_clip", arch="ViT-B-16", hub_id="timm/vit_base_patch16_clip_224.openai",
     mean=CLIP_MEAN, std=CLIP_STD, embed_dim=512, description="OpenAI CLIP ViT-B/16 image tower",
-    extra={"pretrained_tag": "openai"},
+    extra={"pretrained_tag": "openai", "quick_gelu": True},
 ))
 register(ModelSpec(
     name="dinov2-base", kind="embedder", library="timm", arch="vit_base_patch14_dinov2.lvd142m",
@@ -83,6 +91,10 @@ register(ModelSpec(
     name="rad-dino", kind="embedder", library="transformers", arch="microsoft/rad-dino",
     hub_id="microsoft/rad-dino", input_size=518, mean=(0.5307, 0.5307, 0.5307), std=(0.2583, 0.2583, 0.2583),
     embed_dim=768, description="RAD-DINO (chest X-ray DINOv2 ViT-B/14), CLS token",
+    # microsoft/rad-dino's config.json architecture, for --weights none (random init, no network).
+    extra={"hf_config": {"model_type": "dinov2", "hidden_size": 768, "num_hidden_layers": 12,
+                         "num_attention_heads": 12, "patch_size": 14, "image_size": 518,
+                         "layerscale_value": 1e-5}},
 ))
 
 

@@ -1,0 +1,407 @@
+"""Grade a new radiograph: file -> knees -> grade, probabilities, expected grade, Grad-CAM.
+
+The one grading core behind ``klgrade predict`` and ``klgrade serve``::
+
+    grader = Grader.from_run("runs/resnet18")          # model loaded once
+    result = grader.predict_file("knee.dcm", heatmaps=True)
+    result["knees"][0]["klg"], result["knees"][0]["probabilities"]
+
+Inputs: a bilateral PA knee DICOM (both joints located with klgrade.data.roi, cropped 140 mm
+around each joint like ``prepare oai``; the patient's right knee is on the image's left and the
+left knee is mirrored to the canonical orientation the models were trained on), a unilateral
+DICOM (joint located and cropped when possible), or a PNG/JPEG crop (graded as it is, like the
+kneeKL224 crops). Every crop becomes the model's view through ``klgrade.data.images.square_view``.
+
+Both run kinds are graded through one torch module mapping the normalised view tensor to logits:
+the CNN itself, or an embedding head's frozen backbone followed by the head. Grad-CAM
+(klgrade.evaluate.explain) and export (klgrade.export) use that same module.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from klgrade.runs import RunError, read_config, run_name
+
+log = logging.getLogger(__name__)
+
+GRADES = (0, 1, 2, 3, 4)
+# The crop `prepare oai` makes: 140 mm around the joint at 0.35 mm/px, percentile-normalised.
+CROP_FOV_MM = 140.0
+CROP_PX = 400
+SIDE_NAMES = {"R": "right", "L": "left", "U": "unknown"}
+# Views and heatmap overlays are shown at least this large: a 64-224 px model view is too coarse
+# for a reader to judge osteophytes and joint space, so the CAM is upsampled onto the crop.
+DISPLAY_PX = 384
+LAYOUTS = ("auto", "bilateral", "unilateral")
+# Width/height above which an auto-layout DICOM is taken to be a bilateral film (OAI: ~1.28;
+# single-knee films are portrait or square).
+BILATERAL_ASPECT = 1.15
+
+
+class ClinicError(ValueError):
+    """A file that cannot be graded; the message names the file and the reason."""
+
+
+@dataclass
+class Knee:
+    """One knee ready for the model: ``view`` uint8 (S, S) in canonical orientation."""
+
+    side: str  # "R", "L" or "U" (unknown: a PNG/JPEG crop, or a DICOM without laterality)
+    view: np.ndarray | None
+    image: np.ndarray | None = None  # float [0, 1] source of the view (same field of view), for display
+    flipped: bool = False  # mirrored into the canonical orientation (a left knee)
+    location: dict | None = None  # joint centre in the source image (px) and the locator's confidence
+    note: str = ""  # e.g. why the whole image was graded
+    error: str = ""  # a knee that could not be located is reported, not guessed
+
+
+@dataclass
+class Grader:
+    """A loaded run ready to grade knees. ``model``: normalised (N, 3, S, S) -> logits (N, 5)."""
+
+    run_dir: Path
+    kind: str  # "cnn" | "head"
+    name: str
+    model: object  # torch.nn.Module
+    img_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: object  # torch.device
+    tta: str = "none"  # what this grader applies
+    tta_run: str = "none"  # what the run itself was evaluated with (config.yaml)
+    description: str = ""
+    explain_target: tuple | None = None
+    explain_unavailable: str = ""
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "cpu", tta: str | None = None) -> Grader:
+        """Load a CNN or embedding-head run once. ``tta``: none | flip | None (= the run's own)."""
+        from klgrade.evaluate.explain import ExplainError, find_target
+
+        run_dir = Path(run_dir)
+        if not run_dir.exists():
+            raise RunError(f"{run_dir}: no such run directory")
+        if not run_dir.is_dir():
+            raise RunError(f"{run_dir}: not a klgrade run (a run is a directory with config.yaml and checkpoint.pt)")
+        cfg = read_config(run_dir)
+        kind = str(cfg.get("kind", "cnn"))
+        if kind == "cnn":
+            parts = _load_cnn(run_dir, device)
+        elif kind == "head":
+            parts = _load_head(run_dir, device)
+        else:
+            raise RunError(f"{run_dir / 'config.yaml'}: unknown run kind {kind!r} (expected cnn or head)")
+        tta_run = str(cfg.get("tta", "none") or "none")
+        tta = tta or tta_run
+        if tta not in ("none", "flip"):
+            raise RunError(f"tta must be none or flip, got {tta!r}")
+        g = cls(run_dir=run_dir, kind=kind, name=run_name(run_dir), tta=tta, tta_run=tta_run, **parts)
+        if not g.explain_unavailable:
+            try:
+                g.explain_target = find_target(g.model)
+            except ExplainError as e:
+                g.explain_unavailable = str(e)
+        return g
+
+    def info(self) -> dict:
+        """What the service says about itself (no paths: they may name people or sites)."""
+        return {"run": self.name, "kind": self.kind, "model": self.description, "img_size": self.img_size,
+                "tta": self.tta, "grades": list(GRADES),
+                "heatmaps": self.explain_target is not None,
+                "heatmap_layer": self.explain_target[2] if self.explain_target else None,
+                "heatmap_unavailable": self.explain_unavailable or None}
+
+    # ------------------------------------------------------------------ files -> knees
+    def knees(self, path: str | Path, layout: str = "auto", display: str | None = None) -> tuple[str, list[Knee]]:
+        """Read ``path`` and return (layout used, knees). ``display`` replaces the path in errors."""
+        return knees_from_file(path, self.img_size, layout, display)
+
+    # ------------------------------------------------------------------ knees -> grades
+    def probabilities(self, views: np.ndarray) -> np.ndarray:
+        """(N, 5) float64 softmax probabilities for uint8 views (N, S, S)."""
+        from klgrade.train.inference import forward_probs, views_to_tensor
+
+        views = np.asarray(views)
+        if views.ndim != 3 or views.shape[1:] != (self.img_size, self.img_size) or views.dtype != np.uint8:
+            raise ValueError(f"expected uint8 views (N,{self.img_size},{self.img_size}), got "
+                             f"{views.shape} {views.dtype}")
+        if isinstance(self.model, _HeadViews):
+            probs = self.model.predict_views(views)
+            if self.tta == "flip":
+                probs = (probs + self.model.predict_views(np.ascontiguousarray(views[:, :, ::-1]))) / 2
+            return np.asarray(probs, dtype=np.float64)
+        x = views_to_tensor(views, self.mean, self.std, self.device)
+        return forward_probs(self.model, x, self.tta).double().cpu().numpy()
+
+    def heatmaps(self, views: np.ndarray, classes) -> np.ndarray:
+        """Grad-CAM maps (N, S, S) in [0, 1] for the given grades (on the view itself, not its TTA mirror)."""
+        from klgrade.evaluate.explain import ExplainError, gradcam
+        from klgrade.train.inference import views_to_tensor
+
+        if self.explain_target is None:
+            raise ExplainError(self.explain_unavailable or "no Grad-CAM target layer")
+        x = views_to_tensor(np.asarray(views), self.mean, self.std, self.device)
+        return gradcam(self.model, x, classes, self.explain_target)
+
+    def grade(self, knees: list[Knee], heatmaps: bool = False, include_view: bool = False) -> list[dict]:
+        """Per-knee result dicts (see ``knee_result``); heatmaps as overlay PNG bytes under
+        ``_heatmap_png`` (callers turn them into files or data URLs)."""
+        from klgrade.evaluate.explain import overlay, png_bytes, resize_map
+
+        ok = [k for k in knees if k.view is not None]
+        cams, cam_error = None, ""
+        if heatmaps and ok and self.explain_target is None:
+            cam_error = self.explain_unavailable
+        # One model, many server threads: Grad-CAM hooks record every forward through the model,
+        # so a concurrent forward would corrupt an explanation. Reading and cropping stay parallel.
+        with self.lock:
+            probs = self.probabilities(np.stack([k.view for k in ok])) if ok else np.zeros((0, 5))
+            if heatmaps and ok and self.explain_target is not None:
+                try:
+                    cams = self.heatmaps(np.stack([k.view for k in ok]), probs.argmax(axis=1))
+                except Exception as e:  # noqa: BLE001 - a failed explanation must not lose the grade
+                    log.warning("Grad-CAM failed: %s: %s", type(e).__name__, e)
+                    cam_error = f"Grad-CAM failed ({type(e).__name__}: {e})"
+        out, i = [], 0
+        for k in knees:
+            if k.view is None:
+                out.append({"side": k.side, "side_name": SIDE_NAMES[k.side], "klg": None,
+                            "error": k.error, "location": k.location})
+                continue
+            r = knee_result(k, probs[i])
+            disp = unflip(k, display_view(k)) if (include_view or cams is not None) else None
+            if include_view:
+                r["view"] = data_url(png_bytes(disp))
+            if heatmaps:
+                if cams is not None:
+                    cam = unflip(k, resize_map(cams[i], disp.shape))
+                    r["_heatmap_png"] = png_bytes(overlay(disp, cam))
+                    if not cams[i].max() > 0:  # Grad-CAM's ReLU left nothing: say so, not "cold knee"
+                        r["heatmap_note"] = f"no region had positive evidence for KL {r['klg']}"
+                    r["heatmap_layer"] = self.explain_target[2]
+                else:
+                    r["heatmap"] = None
+                    r["heatmap_unavailable"] = cam_error
+            out.append(r)
+            i += 1
+        return out
+
+    def predict_file(self, path: str | Path, heatmaps: bool = False, layout: str = "auto",
+                     display: str | None = None, include_view: bool = False) -> dict:
+        """Grade every knee in one file: {'layout', 'knees': [...]} (heatmaps as PNG bytes)."""
+        used, knees = self.knees(path, layout, display)
+        return {"layout": used, "knees": self.grade(knees, heatmaps=heatmaps, include_view=include_view)}
+
+
+def knee_result(knee: Knee, probs: np.ndarray) -> dict:
+    probs = np.asarray(probs, dtype=float)
+    r = {
+        "side": knee.side,
+        "side_name": SIDE_NAMES[knee.side],
+        "klg": int(probs.argmax()),
+        "probabilities": [round(float(p), 6) for p in probs],
+        # The expected grade keeps the ordinal information a single argmax throws away (a
+        # 0.5/0.5 split between KL2 and KL3 reads 2.5).
+        "expected_grade": round(float(np.dot(GRADES, probs)), 4),
+        "confidence": round(float(probs.max()), 6),
+    }
+    if knee.location is not None:
+        r["location"] = knee.location
+    if knee.note:
+        r["note"] = knee.note
+    return r
+
+
+def display_view(knee: Knee) -> np.ndarray:
+    """uint8 square of the knee at DISPLAY_PX (the model view's field of view, more pixels),
+    in the canonical orientation the model saw (see ``unflip`` for the film's own orientation)."""
+    from klgrade.data.images import square_view
+
+    if knee.image is None:
+        return knee.view
+    return square_view(knee.image, max(DISPLAY_PX, knee.view.shape[0]))
+
+
+def unflip(knee: Knee, img: np.ndarray) -> np.ndarray:
+    """A display image (or CAM) back in the film's orientation: a reader compares a left knee
+    with the film, not with its mirror image."""
+    return np.ascontiguousarray(img[:, ::-1]) if knee.flipped else img
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+# ---------------------------------------------------------------------- reading and cropping
+
+def knees_from_file(path: str | Path, img_size: int, layout: str = "auto",
+                    display: str | None = None) -> tuple[str, list[Knee]]:
+    """Read an image file and cut it into model views: (layout used, knees).
+
+    DICOM: bilateral when ``layout='bilateral'``, or with ``auto`` when the series says so or the
+    film is landscape (width/height >= BILATERAL_ASPECT). PNG/JPEG: one knee unless
+    ``layout='bilateral'``. Raises ClinicError naming ``display`` (default: the path).
+    """
+    from klgrade.data.dicom import DicomError, radiograph_from_dataset, read_dataset
+    from klgrade.data.images import ImageReadError, is_dicom, read_image
+
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    path = Path(path)
+    name = display or str(path)
+    if not path.is_file():
+        raise ClinicError(f"{name}: no such file")
+    try:
+        if is_dicom(path):
+            ds = read_dataset(path)
+            rad = radiograph_from_dataset(ds, name)
+            img, spacing = rad.pixels, rad.spacing_mm
+            laterality = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")).strip().upper()
+            series = rad.meta.get("series_description", "").lower()
+            bilateral = layout == "bilateral" or (layout == "auto" and (
+                "bilateral" in series or img.shape[1] >= BILATERAL_ASPECT * img.shape[0]))
+            if bilateral:
+                return "bilateral", _bilateral_knees(img, spacing, img_size)
+            return "unilateral", [_unilateral_dicom_knee(img, spacing, laterality, img_size)]
+        img = read_image(path)
+    except (DicomError, ImageReadError) as e:
+        raise ClinicError(_rename(str(e), path, name)) from e
+    except (OSError, ValueError) as e:
+        raise ClinicError(f"{name}: cannot read ({type(e).__name__}: {_rename(str(e), path, name)})") from e
+    if layout == "bilateral":
+        return "bilateral", _bilateral_knees(img, None, img_size)
+    from klgrade.data.images import square_view
+
+    return "unilateral", [Knee(side="U", view=square_view(img, img_size), image=img)]
+
+
+def _rename(msg: str, path: Path, name: str) -> str:
+    return msg.replace(str(path), name) if name != str(path) else msg
+
+
+def crop_view(img: np.ndarray, centre: tuple[float, float], spacing, img_size: int,
+              flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The `prepare oai` crop (140 mm, 0.35 mm/px, percentile-normalised 16 bit): (float crop, view)."""
+    from klgrade.data.images import square_view
+    from klgrade.data.roi import crop_square, to_uint16
+
+    crop = crop_square(img, centre, CROP_FOV_MM, spacing, CROP_PX, flip=flip)
+    # Through the same 16-bit quantisation a prepared PNG went through, then square_view.
+    crop = to_uint16(crop).astype(np.float32) / np.float32(65535.0)
+    return crop, square_view(crop, img_size)
+
+
+def _location(loc) -> dict:
+    return {"x": round(float(loc.x), 1), "y": round(float(loc.y), 1),
+            "confidence": round(float(loc.confidence), 3)}
+
+
+def _bilateral_knees(img: np.ndarray, spacing, img_size: int) -> list[Knee]:
+    from klgrade.data.roi import locate_bilateral
+
+    out = []
+    for side, loc in locate_bilateral(img, spacing).items():
+        if not loc.ok:
+            out.append(Knee(side=side, view=None, location=None,
+                            error=f"{SIDE_NAMES[side]} knee not located: {loc.reason}"))
+            continue
+        sp = spacing if spacing is not None else loc.spacing_mm
+        # Canonical orientation is a right knee; the left knee is its mirror image.
+        crop, view = crop_view(img, (loc.x, loc.y), sp, img_size, flip=side == "L")
+        out.append(Knee(side=side, view=view, image=crop, flipped=side == "L", location=_location(loc),
+                        note="" if spacing is not None else "no pixel spacing: scale estimated from the joint width"))
+    return out
+
+
+def _unilateral_dicom_knee(img: np.ndarray, spacing, laterality: str, img_size: int) -> Knee:
+    from klgrade.data.images import square_view
+    from klgrade.data.roi import locate_joint
+
+    side = laterality if laterality in ("R", "L") else "U"
+    loc = locate_joint(img, spacing)
+    if loc.ok:
+        sp = spacing if spacing is not None else loc.spacing_mm
+        crop, view = crop_view(img, (loc.x, loc.y), sp, img_size, flip=side == "L")
+        return Knee(side=side, view=view, image=crop, flipped=side == "L", location=_location(loc))
+    # An already-framed single knee: grade the whole image, and say so.
+    if side == "L":
+        img = np.ascontiguousarray(img[:, ::-1])
+    return Knee(side=side, view=square_view(img, img_size), image=img, flipped=side == "L",
+                note=f"joint not located ({loc.reason}); graded the whole image")
+
+
+# ---------------------------------------------------------------------- run kinds
+
+def _load_cnn(run_dir: Path, device: str) -> dict:
+    from klgrade.train.inference import load_cnn_run
+
+    loaded = load_cnn_run(run_dir, device=device)
+    return {"model": loaded.model, "img_size": int(loaded.img_size), "mean": tuple(loaded.mean),
+            "std": tuple(loaded.std), "device": loaded.device,
+            "description": f"{loaded.config.get('model', '?')} ({loaded.arch or 'timm'}) CNN"}
+
+
+def _load_head(run_dir: Path, device: str) -> dict:
+    """An embedding-head run as one torch module: frozen backbone -> standardise -> head.
+
+    MLP and linear heads become torch layers, so grading, Grad-CAM (through the backbone) and export
+    work as for a CNN; their output equals klgrade.models.heads.HeadModel's. Gradient-boosted
+    trees have no gradient: they are graded through HeadModel itself, without heatmaps or export.
+    """
+    from klgrade.models.heads import load_head_run
+    from klgrade.train.inference import resolve_device
+
+    dev = resolve_device(device)
+    head = load_head_run(run_dir, device=str(dev))
+    try:
+        emb = head.embedder(str(dev))  # rebuilt and checked against the training fingerprint
+    except ValueError as e:
+        raise RunError(f"{run_dir}: cannot rebuild the head's backbone ({e})") from e
+    desc = f"{head.backbone} embeddings + {head.head} head"
+    parts = {"img_size": int(emb.input_size), "mean": tuple(emb.mean), "std": tuple(emb.std), "device": dev,
+             "description": desc}
+    if head.head == "mlp":
+        net = head._net
+    elif head.head == "linear":
+        coef = head.ckpt["coef"].float()
+        net = torch.nn.Linear(coef.shape[1], coef.shape[0])
+        with torch.no_grad():
+            net.weight.copy_(coef)
+            net.bias.copy_(head.ckpt["intercept"].float())
+    else:
+        return {**parts, "model": _HeadViews(head),
+                "explain_unavailable": f"{head.head} head: trees have no gradient, Grad-CAM needs one"}
+    model = EmbeddingHeadNet(emb.module, head.mean, head.scale, net).eval().to(dev)
+    return {**parts, "model": model}
+
+
+class EmbeddingHeadNet(torch.nn.Module):
+    """Normalised image (N, 3, S, S) -> frozen backbone -> (v - mean) / scale -> head -> logits."""
+
+    def __init__(self, backbone, mean, scale, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self.register_buffer("feat_mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer("feat_scale", torch.as_tensor(scale, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.head((self.backbone(x).float() - self.feat_mean) / self.feat_scale)
+
+
+class _HeadViews:
+    """A head without a torch graph (xgboost): uint8 views -> probabilities via HeadModel."""
+
+    def __init__(self, head):
+        self.head = head
+
+    def predict_views(self, views: np.ndarray) -> np.ndarray:
+        return self.head.predict_views(views)

@@ -1,0 +1,77 @@
+"""`klgrade evaluate`: predictions and metrics of a trained run on any split of any dataset.
+
+    klgrade evaluate --run runs/resnet18 --split test                  # the run's own dataset
+    klgrade evaluate --run runs/resnet18 --data other_data --split test --tta flip --out eval/other
+
+Writes predictions_<split>.csv and metrics_<split>.json into the run (or --out). Works for CNN runs
+and for embedding-head runs (config.yaml ``kind: head``), which klgrade.models.heads evaluates.
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="predictions + metrics of a run on a dataset split",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="run dir (config.yaml + checkpoint.pt)")
+    p.add_argument("--data", help="dataset dir with manifest.csv (default: the run's own data)")
+    p.add_argument("--split", default="test", help="train | val | test | all (default test)")
+    p.add_argument("--tta", choices=["none", "flip"], default=None,
+                   help="test-time augmentation (default: the run's setting)")
+    p.add_argument("--out", help="write here instead of into the run dir")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=0, help="data loader processes")
+    p.add_argument("--cache-dir", help="decode cache dir (default $KLGRADE_CACHE or ~/.cache/klgrade)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from klgrade.cli import UserError
+    from klgrade.runs import read_config
+
+    cfg = read_config(args.run)
+    data = args.data or cfg.get("data")
+    if not data:
+        raise UserError(f"{args.run}: its config names no dataset; pass --data DIR")
+    out = Path(args.out) if args.out else Path(args.run)
+    kind = cfg.get("kind", "cnn")
+    if kind == "head":
+        try:
+            from klgrade.models.heads import evaluate_head_run
+        except ImportError as e:
+            raise UserError(f"{args.run} is an embedding-head run, but klgrade.models.heads is not "
+                            f"available to evaluate it ({e})") from e
+        kwargs = {"out_dir": out} if args.out else {}
+        metrics = evaluate_head_run(args.run, data, args.split, **kwargs)
+    elif kind == "cnn":
+        metrics = evaluate_cnn_run(args.run, data, args.split, out, tta=args.tta, device=args.device,
+                                   batch_size=args.batch_size, workers=args.workers,
+                                   cache_dir=args.cache_dir)
+    else:
+        raise UserError(f"{args.run}: unknown run kind {kind!r} in config.yaml (expected cnn or head)")
+    if metrics:
+        print(f"{args.split}: QWK {metrics['qwk']:.4f}  adjacent {metrics['adjacent_accuracy']:.4f}  "
+              f"accuracy {metrics['accuracy']:.4f}  F1 per grade {[round(f, 3) for f in metrics['f1']]}")
+    print(f"wrote {out}/predictions_{args.split}.csv and metrics_{args.split}.json")
+    return 0
+
+
+def evaluate_cnn_run(run_dir, data, split: str, out_dir, tta: str | None = None, device: str = "auto",
+                     batch_size: int = 64, workers: int = 0, cache_dir=None) -> dict:
+    """Predict ``split`` of dataset ``data`` with a CNN run; write predictions/metrics to ``out_dir``."""
+    from klgrade.data.cache import cached_views
+    from klgrade.data.manifest import image_paths, read_manifest, select_split
+    from klgrade.runs import write_predictions
+    from klgrade.train.inference import load_cnn_run, predict_views
+
+    loaded = load_cnn_run(run_dir, device=device)
+    tta = tta or loaded.config.get("tta", "none")
+    df = select_split(read_manifest(data), split)  # read_manifest refuses patient leakage
+    views = cached_views(image_paths(df), loaded.img_size, cache_dir or loaded.config.get("cache_dir"))
+    probs = predict_views(loaded, views, batch_size=batch_size, tta=tta, progress=True, workers=workers)
+    return write_predictions(out_dir, split, df, probs,
+                             extra_metrics={"tta": tta, "data": str(data), "run": str(run_dir)})

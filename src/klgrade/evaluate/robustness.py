@@ -1,0 +1,203 @@
+"""Robustness to site shift: a run graded on the same images re-rendered as other sites would.
+
+Each image of a split is re-rendered from its ORIGINAL file under every controlled shift of
+klgrade.data.site_shift (zoom +-30%, off-centre, non-square, gamma, blur, noise, 16-bit, RGB),
+written as a file, read back with klgrade.data.images.read_image and turned into the model's
+input by the same canonical view the model always uses. QWK (and accuracy, adjacent accuracy,
+MAE) per shift is reported beside the clean score, all from klgrade.evaluate.metrics.
+
+    res = evaluate_robustness("runs/resnet18", "data/kneeKL224", split="val", out="robust/")
+    robustness_table(res)   # DataFrame: shift, description, n, qwk, qwk_drop, ..., view_ok
+"""
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from klgrade import io
+from klgrade.evaluate.metrics import compute_metrics
+
+TARGET_DROP = 0.05  # issue 8: QWK may drop at most this much under any shift
+TABLE_COLUMNS = ["shift", "description", "n", "qwk", "qwk_drop", "accuracy", "adjacent_accuracy",
+                 "mae", "view_ok"]
+
+
+def _predictor(run_dir: Path, device: str, tta: str | None, batch_size: int):
+    """(input size, views -> (N,5) probs, description) for a CNN run or an embedding-head run."""
+    from klgrade.runs import RunError, read_config
+
+    kind = read_config(run_dir).get("kind", "cnn")
+    if kind == "cnn":
+        from klgrade.train.inference import load_cnn_run, predict_views
+
+        loaded = load_cnn_run(run_dir, device=device)
+        t = tta or loaded.config.get("tta", "none")
+        return loaded.img_size, (lambda v: predict_views(loaded, v, batch_size=batch_size, tta=t)), \
+            f"cnn {loaded.config.get('model')} (tta {t})"
+    if kind == "head":
+        from klgrade.models.heads import load_head_run
+
+        head = load_head_run(run_dir, device=None if device == "auto" else device)
+        return head.input_size, (lambda v: head.predict_views(v, batch_size=batch_size)), \
+            f"head {head.head} on {head.backbone}"
+    raise RunError(f"{run_dir}: unknown run kind {kind!r} (cnn or head)")
+
+
+def _views(paths: Sequence[Path], size: int, workers: int, desc: str, progress: bool,
+           render: Callable[[Path, int], Path] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Canonical views (N,size,size) uint8 of the files (re-rendered first by ``render``) and
+    whether each view was established (ViewInfo.ok)."""
+    from klgrade.data.canonical import canonical_view
+    from klgrade.data.images import read_image
+
+    out = np.empty((len(paths), size, size), np.uint8)
+    ok = np.zeros(len(paths), bool)
+
+    def work(i: int) -> None:
+        p = render(paths[i], i) if render else paths[i]
+        # exactly what klgrade.data.images.load_view does for a PNG, keeping the ViewInfo
+        out[i], info = canonical_view(read_image(p), size)
+        ok[i] = info.ok
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        list(tqdm(pool.map(work, range(len(paths))), total=len(paths), disable=not progress, desc=desc,
+                  unit="img", leave=False))
+    return out, ok
+
+
+def evaluate_robustness(run_dir: str | Path, data: str | Path, split: str = "test", shifts: str = "all",
+                        out: str | Path | None = None, device: str = "auto", tta: str | None = None,
+                        batch_size: int = 64, workers: int = 2, limit: int | None = None,
+                        keep_renders: bool = False, progress: bool = True, seed: int = 0) -> dict:
+    """Grade ``split`` of dataset ``data`` clean and under each shift; returns (and, with ``out``,
+    writes) {'run', 'data', 'split', 'model', 'n', 'shifts': {name: {description, metrics, view_ok}}}.
+
+    ``limit``: a seeded, patient-agnostic random subset of that many images (quick looks only).
+    ``keep_renders``: keep the re-rendered files under ``out/renders/<shift>/``.
+    """
+    from klgrade.data.manifest import image_paths, read_manifest, select_split
+    from klgrade.data.site_shift import SHIFTS, shift_names, write_shifted
+
+    run_dir = Path(run_dir)
+    names = shift_names(shifts)
+    df = select_split(read_manifest(data), split)
+    if limit is not None and limit < len(df):
+        df = df.sample(n=limit, random_state=seed).sort_index()
+    paths = [Path(p) for p in image_paths(df)]
+    y = df["klg"].astype(int).to_numpy()
+    size, predict, model_desc = _predictor(run_dir, device, tta, batch_size)
+    res: dict = {"run": str(run_dir), "data": str(data), "split": split, "model": model_desc, "n": len(df),
+                 "target_drop": TARGET_DROP, "shifts": {}}
+    preds: dict[str, np.ndarray] = {}
+    if keep_renders and out is None:
+        raise ValueError("keep_renders needs an output dir")
+    tmp_ctx = tempfile.TemporaryDirectory(prefix="klgrade_robust_")
+    with tmp_ctx as tmp:
+        root = Path(out) / "renders" if keep_renders else Path(tmp)
+        for name in ["clean"] + names:
+            if name == "clean":
+                render, desc = None, "original files"
+            else:
+                desc = SHIFTS[name].description
+
+                def render(p: Path, i: int, name=name) -> Path:
+                    return write_shifted(p, name, root / name / f"{i:06d}_{p.stem}.png", key=p.stem)
+
+            views, ok = _views(paths, size, workers, f"views {name}", progress, render)
+            probs = predict(views)
+            pred = probs.argmax(axis=1)
+            preds[name] = pred
+            res["shifts"][name] = {"description": desc, "view_ok": float(ok.mean()),
+                                   "metrics": compute_metrics(y, pred, probs)}
+    if out is not None:
+        write_robustness(out, res, df, preds)
+    return res
+
+
+def robustness_table(res: dict) -> pd.DataFrame:
+    """One row per condition (clean first): QWK, its drop from clean, accuracy, adjacent accuracy,
+    MAE and the share of images whose canonical view was established."""
+    clean = res["shifts"]["clean"]["metrics"]["qwk"]
+    rows = []
+    for name, r in res["shifts"].items():
+        m = r["metrics"]
+        rows.append({"shift": name, "description": r["description"], "n": res["n"], "qwk": m["qwk"],
+                     "qwk_drop": clean - m["qwk"], "accuracy": m["accuracy"],
+                     "adjacent_accuracy": m["adjacent_accuracy"], "mae": m["mae"], "view_ok": r["view_ok"]})
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def table_markdown(table: pd.DataFrame, digits: int = 3) -> str:
+    cols = ["shift", "QWK", "drop", "accuracy", "adjacent acc.", "MAE", "view ok", "what"]
+    lines = ["| " + " | ".join(cols) + " |", "|:---|" + "---:|" * 6 + ":---|"]
+    for _, r in table.iterrows():
+        drop = "" if r["shift"] == "clean" else f"{r['qwk_drop']:+.{digits}f}"
+        lines.append(f"| {r['shift']} | {r['qwk']:.{digits}f} | {drop} | {r['accuracy']:.{digits}f} | "
+                     f"{r['adjacent_accuracy']:.{digits}f} | {r['mae']:.{digits}f} | {r['view_ok']:.0%} | "
+                     f"{r['description']} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure_robustness(table: pd.DataFrame, title: str = "", target_drop: float = TARGET_DROP):
+    """Bar chart of QWK per shift with the clean QWK and the allowed drop marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    clean = float(table.loc[table["shift"] == "clean", "qwk"].iloc[0])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(table) + 2), 3.8))
+    colors = ["#4c72b0" if s == "clean" else ("#55a868" if clean - q <= target_drop else "#c44e52")
+              for s, q in zip(table["shift"], table["qwk"])]
+    ax.bar(range(len(table)), table["qwk"], color=colors)
+    ax.axhline(clean, color="#4c72b0", lw=1, ls="--", label=f"clean {clean:.3f}")
+    ax.axhspan(clean - target_drop, clean, color="#4c72b0", alpha=0.08, label=f"drop <= {target_drop}")
+    ax.set_xticks(range(len(table)), table["shift"], rotation=40, ha="right")
+    lo = max(0.0, min(float(table["qwk"].min()), clean - target_drop) - 0.1)
+    ax.set_ylim(lo, min(1.0, max(float(table["qwk"].max()), clean) + 0.05))
+    ax.set_ylabel("QWK")
+    ax.set_title(title or "QWK under site shifts")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def write_robustness(out: str | Path, res: dict, meta: pd.DataFrame | None = None,
+                     preds: dict[str, np.ndarray] | None = None) -> dict[str, Path]:
+    """robustness.csv/.md/.json and robustness.png (+ predictions_robustness.csv) in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = robustness_table(res)
+    io.write_csv(out / "robustness.csv", table, float_format="%.4f")
+    worst = table[table["shift"] != "clean"]
+    head = (f"Robustness of `{res['run']}` ({res['model']}) on `{res['data']}` split `{res['split']}` "
+            f"(n = {res['n']}).\n\n")
+    tail = ""
+    if len(worst):
+        w = worst.loc[worst["qwk_drop"].idxmax()]
+        tail = (f"\nLargest QWK drop: {w['qwk_drop']:.3f} ({w['shift']}); target <= {res['target_drop']}: "
+                f"{'met' if w['qwk_drop'] <= res['target_drop'] else 'NOT met'}.\n")
+    io.write_text(out / "robustness.md", head + table_markdown(table) + tail)
+    io.write_json(out / "robustness.json", res)
+    fig = figure_robustness(table, f"{Path(res['run']).name}: QWK under site shifts (n={res['n']})",
+                            res.get("target_drop", TARGET_DROP))
+    with io.atomic_path(out / "robustness.png") as tmp:
+        fig.savefig(tmp, dpi=150, format="png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    paths = {k: out / f"robustness.{k}" for k in ("csv", "md", "json", "png")}
+    if meta is not None and preds:
+        p = pd.DataFrame({"image_id": meta["image_id"].astype(str).to_numpy(),
+                          "klg": meta["klg"].astype(int).to_numpy()})
+        for name, pr in preds.items():
+            p[f"pred_{name}"] = pr
+        io.write_csv(out / "predictions_robustness.csv", p)
+        paths["predictions"] = out / "predictions_robustness.csv"
+    return paths

@@ -1,0 +1,106 @@
+"""The canonical view finds the knee joint whatever the framing, and says when it cannot."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from klgrade.data.canonical import FOV_PER_WIDTH, JOINT_ROW, canonical_view, is_bilateral
+from klgrade.data.images import read_image, square_view
+from klgrade.data.synthetic import render_bilateral, render_knee
+
+
+def _framed_knees(n: int, seed: int = 0):
+    """Synthetic knees at 110-260 mm fields of view, cut to random aspect ratios and off-centre
+    frames (at least ~100 mm visible each way); yields (image, true joint centre)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        fov_mm = rng.uniform(110, 260)
+        img, (cx, cy) = render_knee(int(rng.integers(0, 5)), rng, size_px=400, fov_mm=fov_mm)
+        px = fov_mm / 400
+        h = int(min(400, max(rng.integers(150, 320), 100 / px)))
+        w = int(min(400, max(rng.integers(150, 320), 100 / px)))
+        dx, dy = rng.uniform(-0.15, 0.15) * w, rng.uniform(-0.15, 0.15) * h
+        x0 = int(np.clip(round(cx - w / 2 + dx), 0, 400 - w))
+        y0 = int(np.clip(round(cy - h / 2 + dy), 0, 400 - h))
+        yield img[y0:y0 + h, x0:x0 + w], (cx - x0, cy - y0), px
+
+
+def test_finds_joint_at_any_scale_offset_and_aspect():
+    errs, fovs = [], []
+    for img, (tx, ty), px in _framed_knees(16):
+        view, info = canonical_view(img, 64)
+        assert view.shape == (64, 64) and view.dtype == np.uint8
+        assert info.ok and info.scale_source == "anatomy", info.reason
+        errs.append(np.hypot(info.centre[0] - tx, info.centre[1] - ty) / info.fov_px)
+        fovs.append(info.fov_px * px)
+    errs = np.array(errs)
+    # joint centre within 5% of the field of view (a few borderline cases up to 7%)
+    assert np.mean(errs < 0.05) >= 0.8, errs.round(3)
+    assert errs.max() < 0.08, errs.round(3)
+    # the anatomical field of view is the same in mm whatever the framing (~94 mm, +-15%)
+    fovs = np.array(fovs)
+    assert np.all(np.abs(fovs / np.median(fovs) - 1) < 0.2), fovs.round(1)
+
+
+def test_spacing_sets_field_of_view_in_mm():
+    rng = np.random.default_rng(3)
+    img, (cx, cy) = render_knee(2, rng, size_px=300, fov_mm=180)
+    _, info = canonical_view(img, 64, spacing_mm=180 / 300)
+    assert info.ok and info.scale_source == "spacing"
+    assert info.fov_px == pytest.approx(FOV_PER_WIDTH * 76.0 / 0.6)
+    assert np.hypot(info.centre[0] - cx, info.centre[1] - cy) < 0.05 * info.fov_px
+
+
+def test_bilateral_film_gives_each_knee():
+    rng = np.random.default_rng(1)
+    img, truth = render_bilateral(1, 3, rng, spacing_mm=0.28, shape=(1000, 1280))
+    assert is_bilateral(img)
+    for side in ("R", "L"):
+        view, info = canonical_view(img, 64, spacing_mm=0.28, side=side)
+        assert info.side == side and info.flipped == (side == "L") and info.ok, info.reason
+        tx, ty = truth[side]
+        # looser than on unilateral crops: the classical split of the film shifts a knee a little
+        assert np.hypot(info.centre[0] - tx, info.centre[1] - ty) < 0.08 * info.fov_px
+
+
+def test_unilateral_is_not_bilateral():
+    rng = np.random.default_rng(2)
+    img, _ = render_knee(0, rng, size_px=300, fov_mm=160)
+    assert not is_bilateral(img[90:250])  # a wide, short unilateral crop
+
+
+def test_says_when_no_joint_is_found():
+    rng = np.random.default_rng(0)
+    flat = np.full((120, 160), 0.4, np.float32) + 0.01 * rng.standard_normal((120, 160)).astype(np.float32)
+    view, info = canonical_view(flat, 32)
+    assert not info.ok and info.scale_source == "fallback" and info.reason
+    assert view.shape == (32, 32)
+
+
+def test_intensity_curves_are_undone():
+    rng = np.random.default_rng(4)
+    img, _ = render_knee(2, rng, size_px=160)
+    base, _ = canonical_view(img, 64)
+    for g in (0.6, 1.6):
+        v, _ = canonical_view(img ** g, 64)
+        assert np.abs(v.astype(int) - base.astype(int)).mean() < 6
+
+
+def test_square_view_is_the_canonical_view():
+    rng = np.random.default_rng(5)
+    img, _ = render_knee(1, rng, size_px=128)
+    assert np.array_equal(square_view(img, 48), canonical_view(img, 48)[0])
+
+
+@pytest.mark.realdata
+def test_near_noop_on_kneekl224(real_data):
+    paths = sorted((real_data / "val").glob("*/*.png"))[::20][:40]
+    centre_ok = fov_ok = 0
+    for p in paths:
+        img = read_image(p)
+        h, w = img.shape
+        _, info = canonical_view(img, 224)
+        d = np.hypot(info.centre[0] - (w - 1) / 2, info.centre[1] - (JOINT_ROW * h - 0.5)) / w
+        centre_ok += d < 0.05
+        fov_ok += abs(info.fov_px / w - 1) < 0.1
+    assert centre_ok >= 0.7 * len(paths) and fov_ok >= 0.7 * len(paths), (centre_ok, fov_ok, len(paths))

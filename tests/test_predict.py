@@ -1,0 +1,200 @@
+"""klgrade predict and the clinic core: file -> knees -> grades -> Grad-CAM, for CNN and head runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from klgrade.cli import main
+from klgrade.clinic import GRADES, ClinicError, Grader, knees_from_file
+from klgrade.runs import RunError
+
+
+@pytest.fixture(scope="module")
+def grader(tiny_cnn_run) -> Grader:
+    return Grader.from_run(tiny_cnn_run)
+
+
+def _predict_json(capsys, *args) -> tuple[int, dict, str]:
+    rc = main(["predict", *map(str, args), "--json"])
+    out = capsys.readouterr()
+    return rc, json.loads(out.out), out.err
+
+
+def _check_knee(k: dict) -> None:
+    p = np.array(k["probabilities"])
+    assert p.shape == (5,) and np.all(p >= 0) and abs(p.sum() - 1) < 1e-4
+    assert k["klg"] == int(p.argmax()) and k["klg"] in GRADES
+    assert k["expected_grade"] == pytest.approx(float(np.dot(GRADES, p)), abs=1e-3)
+
+
+def test_bilateral_dicom_both_knees_located_graded_with_heatmaps(tiny_cnn_run, bilateral_dicom, tmp_path, capsys):
+    path, truth = bilateral_dicom
+    rc, out, err = _predict_json(capsys, path, "--run", tiny_cnn_run, "--heatmaps", tmp_path / "cams")
+    assert rc == 0, err
+    assert out["errors"] == [] and len(out["results"]) == 1
+    res = out["results"][0]
+    assert res["layout"] == "bilateral"
+    knees = {k["side"]: k for k in res["knees"]}
+    assert set(knees) == {"R", "L"}  # patient's right knee on the image's left
+    for side, k in knees.items():
+        _check_knee(k)
+        # located near the true joint centre (within 10 mm at 0.25 mm/px)
+        dist_mm = np.hypot(k["location"]["x"] - truth[side][0], k["location"]["y"] - truth[side][1]) * 0.25
+        assert dist_mm < 10, (side, dist_mm)
+        png = Path(k["heatmap"])
+        assert png.is_file() and png.parent == tmp_path / "cams"
+        with Image.open(png) as im:
+            assert im.mode == "RGB" and im.size[0] == im.size[1] >= 256
+    assert knees["R"]["location"]["x"] < knees["L"]["location"]["x"]
+
+
+def test_heatmaps_differ_between_knees_of_different_grades(grader, bilateral_dicom):
+    from klgrade.evaluate.explain import find_target
+
+    layout, knees = knees_from_file(bilateral_dicom[0], grader.img_size)
+    assert layout == "bilateral" and [k.side for k in knees] == ["R", "L"]  # truth: R KL0, L KL4
+    views = np.stack([k.view for k in knees])
+    pred = grader.probabilities(views).argmax(axis=1)
+    cams = grader.heatmaps(views, pred)
+    assert cams.shape == (2, grader.img_size, grader.img_size)
+    assert cams.min() >= 0 and cams.max() <= 1 and all(c.max() > 0.5 for c in cams)  # not blank
+    assert np.abs(cams[0] - cams[1]).mean() > 0.05
+    # the CAM depends on the grade asked about, i.e. it explains a grade, not just the image
+    other = (pred[0] + 2) % 5
+    assert np.abs(grader.heatmaps(views[:1], [other])[0] - cams[0]).mean() > 0.01
+    assert find_target(grader.model)[2] == "layer4"
+    res = grader.grade(knees, heatmaps=True)
+    assert res[0]["_heatmap_png"] != res[1]["_heatmap_png"]
+
+
+def test_left_knee_is_mirrored_to_the_canonical_orientation(grader, bilateral_dicom):
+    from klgrade.clinic import crop_view
+    from klgrade.data.dicom import read_radiograph
+
+    rad = read_radiograph(bilateral_dicom[0])
+    _, knees = knees_from_file(bilateral_dicom[0], grader.img_size)
+    left = knees[1]
+    x, y = left.location["x"], left.location["y"]
+    _, unflipped = crop_view(rad.pixels, (x, y), rad.spacing_mm, grader.img_size, flip=False)
+    assert left.flipped
+
+    def mad(a, b):
+        return np.abs(a.astype(float) - b.astype(float)).mean()
+
+    # equal up to resampling (location rounded to 0.1 px), and clearly not the unmirrored crop
+    assert mad(left.view, unflipped[:, ::-1]) < 3 < 4 * 3 < mad(left.view, unflipped)
+
+
+def test_png_jpeg_and_unilateral_dicom(grader, synth_png, tmp_path):
+    from klgrade.data.synthetic import bilateral_dataset, render_knee, save_dataset, to_stored
+
+    png = next((synth_png / "images").rglob("*.png"))
+    layout, knees = knees_from_file(png, grader.img_size)
+    assert layout == "unilateral" and len(knees) == 1 and knees[0].side == "U"
+    jpg = tmp_path / "knee.jpg"
+    Image.open(png).convert("L").save(jpg, quality=95)
+    _check_knee(grader.predict_file(jpg)["knees"][0])
+
+    img, _ = render_knee(3, np.random.default_rng(0), size_px=500, spacing_mm=0.3)
+    ds = bilateral_dataset(to_stored(img), 0.3, series_description="PA Left Knee")
+    ds.ImageLaterality = "L"
+    save_dataset(ds, tmp_path / "uni.dcm")
+    res = grader.predict_file(tmp_path / "uni.dcm")
+    assert res["layout"] == "unilateral" and len(res["knees"]) == 1
+    k = res["knees"][0]
+    assert k["side"] == "L" and "location" in k
+    _check_knee(k)
+
+
+def test_bad_file_is_reported_and_the_others_still_graded(tiny_cnn_run, synth_png, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image at all")
+    missing = tmp_path / "missing.dcm"
+    good = next((synth_png / "images").rglob("*.png"))
+    rc, out, err = _predict_json(capsys, bad, good, missing, "--run", tiny_cnn_run)
+    assert rc == 1
+    assert [r["file"] for r in out["results"]] == [str(good)]
+    assert {e["file"] for e in out["errors"]} == {str(bad), str(missing)}
+    assert str(bad) in err and "not a readable image" in err and str(missing) in err
+    with pytest.raises(ClinicError, match="broken.png"):
+        knees_from_file(bad, 64)
+
+
+def test_text_output(tiny_cnn_run, bilateral_dicom, capsys):
+    assert main(["predict", str(bilateral_dicom[0]), "--run", str(tiny_cnn_run)]) == 0
+    out = capsys.readouterr().out
+    assert "right knee: KL" in out and "left knee: KL" in out and "expected" in out
+
+
+def test_not_a_run_and_unsafe_checkpoint_are_clear_errors(tiny_cnn_run, synth_png, tmp_path, capsys):
+    png = next((synth_png / "images").rglob("*.png"))
+    assert main(["predict", str(png), "--run", str(synth_png)]) == 1
+    assert "not a klgrade run" in capsys.readouterr().err
+    with pytest.raises(RunError, match="no such run directory"):
+        Grader.from_run(tmp_path / "nope")
+    # A checkpoint holding a pickled object (code on load) is refused by weights_only loading.
+    run = tmp_path / "evil"
+    run.mkdir()
+    (run / "config.yaml").write_text((tiny_cnn_run / "config.yaml").read_text())
+    torch.save({"model": {}, "payload": _Payload()}, run / "checkpoint.pt")
+    with pytest.raises(RunError, match="not a loadable klgrade checkpoint"):
+        Grader.from_run(run)
+
+
+class _Payload:  # any non-tensor class instance: torch.load(weights_only=True) must refuse it
+    pass
+
+
+# ------------------------------------------------------------------------------ head runs
+@pytest.fixture(scope="module")
+def head_store(tmp_path_factory):
+    """A tiny timm ViT registered as an embedder, a small dataset and its embedding store."""
+    from klgrade.data.synthetic import write_png_dataset
+    from klgrade.embeddings import embed_dataset
+    from klgrade.models.registry import REGISTRY, ModelSpec, register
+
+    register(ModelSpec(name="test-vit-embedder", kind="embedder", library="timm", arch="test_vit",
+                       hub_id=None, input_size=160, description="tiny ViT (tests)"))
+    root = tmp_path_factory.mktemp("head")
+    data = write_png_dataset(root / "data", n_patients=16, seed=1, size=64, visits_per_patient=1)
+    embed_dataset(data, "test-vit-embedder", root / "store", weights="none", device="cpu", progress=False)
+    yield root, data
+    REGISTRY.pop("test-vit-embedder", None)
+
+
+@pytest.mark.parametrize("head", ["mlp", "linear"])
+def test_head_run_grades_like_its_head_model_and_explains_through_the_vit(head_store, bilateral_dicom, head):
+    from klgrade.models.heads import HeadConfig, fit_head, load_head_run
+
+    root, data = head_store
+    run = root / f"run_{head}"
+    fit_head(root / "store", data, run, HeadConfig(head=head, epochs=3), overwrite=True)
+    g = Grader.from_run(run)
+    assert g.kind == "head" and g.img_size == 160
+    res = g.predict_file(bilateral_dicom[0], heatmaps=True)
+    assert [k["side"] for k in res["knees"]] == ["R", "L"]
+    for k in res["knees"]:
+        _check_knee(k)
+        assert k["_heatmap_png"][:8] == b"\x89PNG\r\n\x1a\n" and "blocks" in k["heatmap_layer"]
+    # the composed torch module gives the head API's own probabilities
+    _, knees = knees_from_file(bilateral_dicom[0], g.img_size)
+    views = np.stack([k.view for k in knees])
+    np.testing.assert_allclose(g.probabilities(views), load_head_run(run).predict_views(views), atol=1e-5)
+
+
+def test_xgboost_head_grades_without_heatmap_and_says_why(head_store, bilateral_dicom):
+    pytest.importorskip("xgboost")
+    from klgrade.models.heads import HeadConfig, fit_head
+
+    root, data = head_store
+    fit_head(root / "store", data, root / "run_xgb", HeadConfig(head="xgboost", n_estimators=10), overwrite=True)
+    g = Grader.from_run(root / "run_xgb")
+    res = g.predict_file(bilateral_dicom[0], heatmaps=True)
+    for k in res["knees"]:
+        _check_knee(k)
+        assert k["heatmap"] is None and "no gradient" in k["heatmap_unavailable"]

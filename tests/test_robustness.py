@@ -1,0 +1,56 @@
+"""`klgrade robustness` on a tiny trained run; foreign encodings get the same grade."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from klgrade.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_run(synth_png, tmp_path_factory):
+    run = tmp_path_factory.mktemp("robust") / "run"
+    rc = main(["train", "--data", str(synth_png), "--model", "test_resnet", "--weights", "none",
+               "--epochs", "1", "--img-size", "48", "--batch-size", "16", "--device", "cpu",
+               "--out", str(run)])
+    assert rc == 0
+    return run
+
+
+def test_robustness_command_writes_table(tiny_run, synth_png, tmp_path):
+    out = tmp_path / "rob"
+    rc = main(["robustness", "--run", str(tiny_run), "--data", str(synth_png), "--split", "test",
+               "--shifts", "zoom_out_30,gamma_1.6,bit16", "--limit", "16", "--workers", "1",
+               "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    table = pd.read_csv(out / "robustness.csv")
+    assert table["shift"].tolist() == ["clean", "zoom_out_30", "gamma_1.6", "bit16"]
+    assert (table["n"] == 16).all() and table["qwk_drop"].iloc[0] == 0
+    assert table[["qwk", "accuracy", "adjacent_accuracy"]].notna().all().all()
+    for ext in ("md", "json", "png"):
+        assert (out / f"robustness.{ext}").stat().st_size > 0
+    assert "| clean |" in (out / "robustness.md").read_text()
+
+
+def test_16bit_and_rgb_files_get_the_same_grade(tiny_run, synth_png, tmp_path):
+    from klgrade.data.images import load_view
+    from klgrade.data.manifest import image_paths, read_manifest, select_split
+    from klgrade.data.site_shift import write_shifted
+    from klgrade.train.inference import load_cnn_run, predict_views
+
+    loaded = load_cnn_run(tiny_run, device="cpu")
+    paths = image_paths(select_split(read_manifest(synth_png), "test"))[:8]
+    grades = {}
+    for enc in ("orig", "bit16", "rgb"):
+        files = paths if enc == "orig" else [write_shifted(p, enc, tmp_path / enc / f"{i}.png")
+                                             for i, p in enumerate(paths)]
+        views = np.stack([load_view(f, loaded.img_size) for f in files])
+        grades[enc] = predict_views(loaded, views).argmax(axis=1)
+    assert np.array_equal(grades["bit16"], grades["orig"])
+    assert np.array_equal(grades["rgb"], grades["orig"])
+
+
+def test_unknown_shift_is_a_user_error(tiny_run, synth_png, capsys):
+    assert main(["robustness", "--run", str(tiny_run), "--data", str(synth_png), "--shifts", "sepia"]) == 1
+    assert "unknown shift" in capsys.readouterr().err
