@@ -10,7 +10,6 @@ test — what `klgrade fit-head` does after loading the store.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time

@@ -79,3 +79,47 @@ def bilateral_dicom(tmp_path_factory) -> tuple[Path, dict]:
     path = tmp_path_factory.mktemp("clinic_dicom") / "bilateral.dcm"
     save_dataset(bilateral_dataset(to_stored(img), 0.25, uid_seed=3), path)
     return path, truth
+
+
+TINY_CLIP_CFG = {
+    # BioMedCLIP's open_clip_config.json structure, shrunk: a timm ViT image tower (test_vit at 64 px,
+    # 32-d projection) and the HF BERT text_cfg, which klgrade must never build (nor fetch).
+    "model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"timm_model_name": "test_vit", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 64},
+        "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                     "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                     "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler",
+                     "context_length": 256},
+    },
+    "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]},
+}
+
+
+def write_tiny_open_clip(folder: Path, seed: int = 0, timm_model: str = "test_vit", image_size: int = 64) -> Path:
+    """Save a tiny CLIP checkpoint in the hub's layout (open_clip_config.json + open_clip_pytorch_model.bin)."""
+    import copy
+    import json
+
+    import timm
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    trunk = timm.create_model(timm_model, img_size=image_size, num_classes=0)
+    sd = {f"visual.trunk.{k}": v for k, v in trunk.state_dict().items()}
+    sd["visual.head.proj.weight"] = torch.randn(32, trunk.num_features) / trunk.num_features**0.5
+    sd["text.transformer.embeddings.word_embeddings.weight"] = torch.zeros(8, 4)  # stand-in text tower
+    sd["logit_scale"] = torch.tensor(4.6052)
+    torch.save(sd, folder / "open_clip_pytorch_model.bin")
+    cfg = copy.deepcopy(TINY_CLIP_CFG)
+    cfg["model_cfg"]["vision_cfg"].update(timm_model_name=timm_model, image_size=image_size)
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_biomedclip(tmp_path_factory) -> Path:
+    """A tiny random ViT in BioMedCLIP's hub layout: `--backbone biomedclip --weights <this dir>`."""
+    return write_tiny_open_clip(tmp_path_factory.mktemp("tiny_biomedclip"))

@@ -72,22 +72,29 @@ def test_heatmaps_differ_between_knees_of_different_grades(grader, bilateral_dic
     assert res[0]["_heatmap_png"] != res[1]["_heatmap_png"]
 
 
-def test_left_knee_is_mirrored_to_the_canonical_orientation(grader, bilateral_dicom):
-    from klgrade.clinic import crop_view
-    from klgrade.data.dicom import read_radiograph
+def test_left_knee_is_mirrored_to_the_canonical_orientation(grader, tmp_path):
+    from klgrade.data.synthetic import (
+        bilateral_dataset,
+        random_anatomy,
+        render_bilateral,
+        save_dataset,
+        to_stored,
+    )
 
-    rad = read_radiograph(bilateral_dicom[0])
-    _, knees = knees_from_file(bilateral_dicom[0], grader.img_size)
-    left = knees[1]
-    x, y = left.location["x"], left.location["y"]
-    _, unflipped = crop_view(rad.pixels, (x, y), rad.spacing_mm, grader.img_size, flip=False)
-    assert left.flipped
+    # Two mirror-image knees (same anatomy and grade): once the left one is mirrored back into the
+    # canonical orientation, the two views match; unmirrored they would not.
+    rng = np.random.default_rng(5)
+    anat = random_anatomy(rng)
+    img, _ = render_bilateral(2, 2, rng, spacing_mm=0.25, shape=(720, 1040), anatomy_right=anat,
+                              anatomy_left=anat, noise=0.0)
+    save_dataset(bilateral_dataset(to_stored(img), 0.25), tmp_path / "twins.dcm")
+    _, (right, left) = knees_from_file(tmp_path / "twins.dcm", 128)
+    assert (right.side, right.flipped, left.side, left.flipped) == ("R", False, "L", True)
 
     def mad(a, b):
         return np.abs(a.astype(float) - b.astype(float)).mean()
 
-    # equal up to resampling (location rounded to 0.1 px), and clearly not the unmirrored crop
-    assert mad(left.view, unflipped[:, ::-1]) < 3 < 4 * 3 < mad(left.view, unflipped)
+    assert 2 * mad(right.view, left.view) < mad(right.view, left.view[:, ::-1])
 
 
 def test_png_jpeg_and_unilateral_dicom(grader, synth_png, tmp_path):
@@ -161,7 +168,8 @@ def head_store(tmp_path_factory):
     register(ModelSpec(name="test-vit-embedder", kind="embedder", library="timm", arch="test_vit",
                        hub_id=None, input_size=160, description="tiny ViT (tests)"))
     root = tmp_path_factory.mktemp("head")
-    data = write_png_dataset(root / "data", n_patients=16, seed=1, size=64, visits_per_patient=1)
+    data = write_png_dataset(root / "data", n_patients=20, seed=1, size=64, visits_per_patient=1,
+                             split="0.6,0.2,0.2")
     embed_dataset(data, "test-vit-embedder", root / "store", weights="none", device="cpu", progress=False)
     yield root, data
     REGISTRY.pop("test-vit-embedder", None)
@@ -198,3 +206,20 @@ def test_xgboost_head_grades_without_heatmap_and_says_why(head_store, bilateral_
     for k in res["knees"]:
         _check_knee(k)
         assert k["heatmap"] is None and "no gradient" in k["heatmap_unavailable"]
+
+
+def test_fine_films_are_reduced_before_cropping_without_changing_the_view():
+    from klgrade.clinic import reduce_for_view
+    from klgrade.data.canonical import canonical_view
+    from klgrade.data.synthetic import render_bilateral
+
+    img, truth = render_bilateral(1, 3, np.random.default_rng(2), spacing_mm=0.14, shape=(1000, 1560), noise=0.0)
+    small, sp, f = reduce_for_view(img, (0.14, 0.14), 128)
+    assert f >= 2 and sp == pytest.approx((0.14 * f, 0.14 * f)) and small.shape == (1000 // f, 1560 // f)
+    assert reduce_for_view(img, None, 128)[0] is img  # no spacing: left alone
+    for side in "RL":
+        v_full, i_full = canonical_view(img, 128, spacing_mm=0.14, side=side)
+        v_small, i_small = canonical_view(small, 128, spacing_mm=sp, side=side)
+        centre_small = (np.array(i_small.centre) + 0.5) * f - 0.5
+        assert np.hypot(*(centre_small - np.array(i_full.centre))) * 0.14 < 1.5  # mm
+        assert np.abs(v_full.astype(float) - v_small).mean() < 8  # gray levels of 255

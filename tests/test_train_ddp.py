@@ -14,7 +14,7 @@ from klgrade import io
 def test_torchrun_two_gloo_processes_make_a_valid_run(synth_png, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "klgrade.cli", "train", "--data", str(synth_png), "--model", "test_resnet",
            "--weights", "none", "--img-size", "32", "--epochs", "2", "--batch-size", "8",
            "--tta", "none", "--device", "cpu", "--out", str(out)]

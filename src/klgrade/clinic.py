@@ -6,11 +6,11 @@ The one grading core behind ``klgrade predict`` and ``klgrade serve``::
     result = grader.predict_file("knee.dcm", heatmaps=True)
     result["knees"][0]["klg"], result["knees"][0]["probabilities"]
 
-Inputs: a bilateral PA knee DICOM (both joints located with klgrade.data.roi, cropped 140 mm
-around each joint like ``prepare oai``; the patient's right knee is on the image's left and the
-left knee is mirrored to the canonical orientation the models were trained on), a unilateral
-DICOM (joint located and cropped when possible), or a PNG/JPEG crop (graded as it is, like the
-kneeKL224 crops). Every crop becomes the model's view through ``klgrade.data.images.square_view``.
+Inputs: a bilateral PA knee film (DICOM, or PNG/JPEG), a unilateral DICOM, or a PNG/JPEG knee.
+Every knee becomes the model's input through the one view function the models were trained on
+(``klgrade.data.canonical.canonical_view``, what ``square_view`` calls): a bilateral film is
+split, each joint located and cropped (the patient's right knee is on the film's left; the left
+knee is mirrored into the canonical orientation), DICOM pixel spacing sets the field of view.
 
 Both run kinds are graded through one torch module mapping the normalised view tensor to logits:
 the CNN itself, or an embedding head's frozen backbone followed by the head. Grad-CAM
@@ -32,17 +32,13 @@ from klgrade.runs import RunError, read_config, run_name
 log = logging.getLogger(__name__)
 
 GRADES = (0, 1, 2, 3, 4)
-# The crop `prepare oai` makes: 140 mm around the joint at 0.35 mm/px, percentile-normalised.
-CROP_FOV_MM = 140.0
-CROP_PX = 400
 SIDE_NAMES = {"R": "right", "L": "left", "U": "unknown"}
 # Views and heatmap overlays are shown at least this large: a 64-224 px model view is too coarse
 # for a reader to judge osteophytes and joint space, so the CAM is upsampled onto the crop.
 DISPLAY_PX = 384
-LAYOUTS = ("auto", "bilateral", "unilateral")
-# Width/height above which an auto-layout DICOM is taken to be a bilateral film (OAI: ~1.28;
-# single-knee films are portrait or square).
-BILATERAL_ASPECT = 1.15
+# A film is area-reduced before cropping while it stays this much finer than the views (see
+# reduce_for_view).
+VIEW_OVERSAMPLE = 1.2
 
 
 class ClinicError(ValueError):
@@ -55,11 +51,11 @@ class Knee:
 
     side: str  # "R", "L" or "U" (unknown: a PNG/JPEG crop, or a DICOM without laterality)
     view: np.ndarray | None
-    image: np.ndarray | None = None  # float [0, 1] source of the view (same field of view), for display
     flipped: bool = False  # mirrored into the canonical orientation (a left knee)
-    location: dict | None = None  # joint centre in the source image (px) and the locator's confidence
-    note: str = ""  # e.g. why the whole image was graded
-    error: str = ""  # a knee that could not be located is reported, not guessed
+    location: dict | None = None  # joint centre in the source image (px), how the scale was set
+    note: str = ""  # e.g. the joint was not found and a centred crop was graded
+    error: str = ""  # a knee of a bilateral film that could not be located is reported, not guessed
+    source: tuple | None = field(default=None, repr=False)  # (image, spacing, side) to redraw it larger
 
 
 @dataclass
@@ -121,9 +117,9 @@ class Grader:
                 "heatmap_unavailable": self.explain_unavailable or None}
 
     # ------------------------------------------------------------------ files -> knees
-    def knees(self, path: str | Path, layout: str = "auto", display: str | None = None) -> tuple[str, list[Knee]]:
-        """Read ``path`` and return (layout used, knees). ``display`` replaces the path in errors."""
-        return knees_from_file(path, self.img_size, layout, display)
+    def knees(self, path: str | Path, display: str | None = None) -> tuple[str, list[Knee]]:
+        """Read ``path`` and return (layout, knees). ``display`` replaces the path in errors."""
+        return knees_from_file(path, self.img_size, display)
 
     # ------------------------------------------------------------------ knees -> grades
     def probabilities(self, views: np.ndarray) -> np.ndarray:
@@ -195,11 +191,11 @@ class Grader:
             i += 1
         return out
 
-    def predict_file(self, path: str | Path, heatmaps: bool = False, layout: str = "auto",
-                     display: str | None = None, include_view: bool = False) -> dict:
+    def predict_file(self, path: str | Path, heatmaps: bool = False, display: str | None = None,
+                     include_view: bool = False) -> dict:
         """Grade every knee in one file: {'layout', 'knees': [...]} (heatmaps as PNG bytes)."""
-        used, knees = self.knees(path, layout, display)
-        return {"layout": used, "knees": self.grade(knees, heatmaps=heatmaps, include_view=include_view)}
+        layout, knees = self.knees(path, display)
+        return {"layout": layout, "knees": self.grade(knees, heatmaps=heatmaps, include_view=include_view)}
 
 
 def knee_result(knee: Knee, probs: np.ndarray) -> dict:
@@ -222,13 +218,14 @@ def knee_result(knee: Knee, probs: np.ndarray) -> dict:
 
 
 def display_view(knee: Knee) -> np.ndarray:
-    """uint8 square of the knee at DISPLAY_PX (the model view's field of view, more pixels),
-    in the canonical orientation the model saw (see ``unflip`` for the film's own orientation)."""
-    from klgrade.data.images import square_view
+    """uint8 square of the knee at DISPLAY_PX: the model view's crop with more pixels, in the
+    canonical orientation the model saw (see ``unflip`` for the film's own orientation)."""
+    from klgrade.data.canonical import canonical_view
 
-    if knee.image is None:
+    if knee.source is None or knee.view.shape[0] >= DISPLAY_PX:
         return knee.view
-    return square_view(knee.image, max(DISPLAY_PX, knee.view.shape[0]))
+    img, spacing, side = knee.source
+    return canonical_view(img, DISPLAY_PX, spacing_mm=spacing, side=side)[0]
 
 
 def unflip(knee: Knee, img: np.ndarray) -> np.ndarray:
@@ -243,100 +240,95 @@ def data_url(png: bytes) -> str:
 
 # ---------------------------------------------------------------------- reading and cropping
 
-def knees_from_file(path: str | Path, img_size: int, layout: str = "auto",
-                    display: str | None = None) -> tuple[str, list[Knee]]:
-    """Read an image file and cut it into model views: (layout used, knees).
+def knees_from_file(path: str | Path, img_size: int, display: str | None = None) -> tuple[str, list[Knee]]:
+    """Read an image file and make the model view of each knee in it: (layout, knees).
 
-    DICOM: bilateral when ``layout='bilateral'``, or with ``auto`` when the series says so or the
-    film is landscape (width/height >= BILATERAL_ASPECT). PNG/JPEG: one knee unless
-    ``layout='bilateral'``. Raises ClinicError naming ``display`` (default: the path).
+    A bilateral film (``klgrade.data.canonical.is_bilateral``: two legs side by side) gives the
+    right and the left knee; anything else one knee, whose side comes from the DICOM's
+    (Image)Laterality when present. Raises ClinicError naming ``display`` (default: the path).
     """
+    from klgrade.data.canonical import is_bilateral
     from klgrade.data.dicom import DicomError, radiograph_from_dataset, read_dataset
     from klgrade.data.images import ImageReadError, is_dicom, read_image
 
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     path = Path(path)
     name = display or str(path)
     if not path.is_file():
         raise ClinicError(f"{name}: no such file")
+    spacing, laterality = None, ""
     try:
         if is_dicom(path):
             ds = read_dataset(path)
             rad = radiograph_from_dataset(ds, name)
             img, spacing = rad.pixels, rad.spacing_mm
+            # Laterality is technical (which knee), not identifying; nothing else is read.
             laterality = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")).strip().upper()
-            series = rad.meta.get("series_description", "").lower()
-            bilateral = layout == "bilateral" or (layout == "auto" and (
-                "bilateral" in series or img.shape[1] >= BILATERAL_ASPECT * img.shape[0]))
-            if bilateral:
-                return "bilateral", _bilateral_knees(img, spacing, img_size)
-            return "unilateral", [_unilateral_dicom_knee(img, spacing, laterality, img_size)]
-        img = read_image(path)
+        else:
+            img = read_image(path)
     except (DicomError, ImageReadError) as e:
         raise ClinicError(_rename(str(e), path, name)) from e
     except (OSError, ValueError) as e:
         raise ClinicError(f"{name}: cannot read ({type(e).__name__}: {_rename(str(e), path, name)})") from e
-    if layout == "bilateral":
-        return "bilateral", _bilateral_knees(img, None, img_size)
-    from klgrade.data.images import square_view
+    img, spacing, factor = reduce_for_view(img, spacing, img_size)
+    if is_bilateral(img):
+        return "bilateral", [_knee(img, spacing, side, img_size, True, factor) for side in ("R", "L")]
+    side = laterality if laterality in ("R", "L") else "U"
+    if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
+        img = np.ascontiguousarray(img[:, ::-1])
+    return "unilateral", [_knee(img, spacing, side, img_size, False, factor)]
 
-    return "unilateral", [Knee(side="U", view=square_view(img, img_size), image=img)]
+
+def reduce_for_view(img: np.ndarray, spacing, img_size: int) -> tuple[np.ndarray, object, int]:
+    """Area-average a film that is much finer than the views made from it: (image, spacing, factor).
+
+    An OAI film has 0.14 mm pixels; a 224-px view of the canonical ~94 mm field has 0.42 mm ones,
+    so locating and cropping at full resolution costs more than the model's forward pass, for
+    nothing. Reducing by an integer factor that keeps the film at least ``VIEW_OVERSAMPLE`` x finer
+    than the model view leaves the view the same up to resampling noise (tests check it) at a
+    fraction of the cost. The display image is drawn from the same reduced film, so the heatmap
+    lies exactly on the crop the model saw. Films without spacing are left alone.
+    """
+    import cv2
+
+    from klgrade.data.canonical import FOV_MM
+
+    if spacing is None:
+        return img, spacing, 1
+    sy, sx = (float(spacing), float(spacing)) if np.isscalar(spacing) else (float(spacing[0]), float(spacing[1]))
+    factor = int(FOV_MM / img_size / (VIEW_OVERSAMPLE * max(sy, sx)))
+    if factor < 2:
+        return img, spacing, 1
+    h, w = img.shape[0] // factor, img.shape[1] // factor
+    small = cv2.resize(np.ascontiguousarray(img[: h * factor, : w * factor], np.float32), (w, h),
+                       interpolation=cv2.INTER_AREA)
+    return small, (sy * factor, sx * factor), factor
 
 
 def _rename(msg: str, path: Path, name: str) -> str:
     return msg.replace(str(path), name) if name != str(path) else msg
 
 
-def crop_view(img: np.ndarray, centre: tuple[float, float], spacing, img_size: int,
-              flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The `prepare oai` crop (140 mm, 0.35 mm/px, percentile-normalised 16 bit): (float crop, view)."""
-    from klgrade.data.images import square_view
-    from klgrade.data.roi import crop_square, to_uint16
+def _knee(img: np.ndarray, spacing, side: str, img_size: int, bilateral: bool, factor: int = 1) -> Knee:
+    """The view of one knee of ``img`` (reduced ``factor`` x from the film: the reported centre is
+    in the film's own pixels)."""
+    from klgrade.data.canonical import canonical_view
 
-    crop = crop_square(img, centre, CROP_FOV_MM, spacing, CROP_PX, flip=flip)
-    # Through the same 16-bit quantisation a prepared PNG went through, then square_view.
-    crop = to_uint16(crop).astype(np.float32) / np.float32(65535.0)
-    return crop, square_view(crop, img_size)
-
-
-def _location(loc) -> dict:
-    return {"x": round(float(loc.x), 1), "y": round(float(loc.y), 1),
-            "confidence": round(float(loc.confidence), 3)}
-
-
-def _bilateral_knees(img: np.ndarray, spacing, img_size: int) -> list[Knee]:
-    from klgrade.data.roi import locate_bilateral
-
-    out = []
-    for side, loc in locate_bilateral(img, spacing).items():
-        if not loc.ok:
-            out.append(Knee(side=side, view=None, location=None,
-                            error=f"{SIDE_NAMES[side]} knee not located: {loc.reason}"))
-            continue
-        sp = spacing if spacing is not None else loc.spacing_mm
-        # Canonical orientation is a right knee; the left knee is its mirror image.
-        crop, view = crop_view(img, (loc.x, loc.y), sp, img_size, flip=side == "L")
-        out.append(Knee(side=side, view=view, image=crop, flipped=side == "L", location=_location(loc),
-                        note="" if spacing is not None else "no pixel spacing: scale estimated from the joint width"))
-    return out
-
-
-def _unilateral_dicom_knee(img: np.ndarray, spacing, laterality: str, img_size: int) -> Knee:
-    from klgrade.data.images import square_view
-    from klgrade.data.roi import locate_joint
-
-    side = laterality if laterality in ("R", "L") else "U"
-    loc = locate_joint(img, spacing)
-    if loc.ok:
-        sp = spacing if spacing is not None else loc.spacing_mm
-        crop, view = crop_view(img, (loc.x, loc.y), sp, img_size, flip=side == "L")
-        return Knee(side=side, view=view, image=crop, flipped=side == "L", location=_location(loc))
-    # An already-framed single knee: grade the whole image, and say so.
-    if side == "L":
-        img = np.ascontiguousarray(img[:, ::-1])
-    return Knee(side=side, view=square_view(img, img_size), image=img, flipped=side == "L",
-                note=f"joint not located ({loc.reason}); graded the whole image")
+    view_side = side if bilateral else None
+    view, info = canonical_view(img, img_size, spacing_mm=spacing, side=view_side)
+    cx, cy = info.centre
+    if not bilateral and side == "L":  # report the centre in the film's own coordinates
+        cx = img.shape[1] - 1 - cx
+    cx, cy = (cx + 0.5) * factor - 0.5, (cy + 0.5) * factor - 0.5
+    loc = {"x": round(float(cx), 1), "y": round(float(cy), 1), "scale": info.scale_source}
+    flipped = info.flipped if bilateral else side == "L"
+    if not info.ok:
+        if bilateral:  # half a film cropped at random is not a knee: refuse rather than guess
+            return Knee(side=side, view=None, location=loc, flipped=flipped,
+                        error=f"{SIDE_NAMES[side]} knee not located: {info.reason}")
+        return Knee(side=side, view=view, flipped=flipped, location=loc, source=(img, spacing, view_side),
+                    note=f"joint not located ({info.reason}); graded a centred crop of the image")
+    return Knee(side=side, view=view, flipped=flipped, location=loc, source=(img, spacing, view_side),
+                note=info.reason)
 
 
 # ---------------------------------------------------------------------- run kinds

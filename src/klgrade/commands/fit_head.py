@@ -56,7 +56,7 @@ def register(sub) -> None:
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"max epochs (default {d.epochs})")
     g.add_argument("--patience", type=int, default=d.patience,
                    help=f"stop after N epochs without better val QWK, 0 = off (default {d.patience})")
-    g.add_argument("--hidden", type=_ints, default=d.hidden, help="hidden layer sizes (default 512,128)")
+    g.add_argument("--hidden", type=_ints, default=d.hidden, help="hidden layer sizes (default 256,64)")
     g.add_argument("--dropout", type=float, default=d.dropout, help=f"default {d.dropout}")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
     g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW learning rate (default {d.lr})")

@@ -3,8 +3,8 @@
     klgrade predict knee.dcm --run runs/resnet18                      # bilateral DICOM: both knees
     klgrade predict a.png b.jpg 001 --run runs/resnet18 --heatmaps cams/ --json > grades.json
 
-Accepts a bilateral PA knee DICOM (both joints located and cropped; the patient's right knee is
-on the image's left), a unilateral DICOM, or a PNG/JPEG knee crop. For each knee: side, KL grade,
+Accepts a bilateral PA knee film (both joints located and cropped; the patient's right knee is
+on the film's left), a unilateral DICOM, or a PNG/JPEG knee image. For each knee: side, KL grade,
 the five grade probabilities and the expected grade (sum of g * p_g). ``--heatmaps DIR`` writes a
 Grad-CAM overlay PNG per knee (the region that drove the predicted grade). A file that cannot be
 graded is reported with the reason and the others are still graded (exit status 1 if any failed).
@@ -21,9 +21,6 @@ def register(sub) -> None:
     p.add_argument("--run", required=True, help="run dir (CNN or embedding-head run)")
     p.add_argument("--heatmaps", metavar="DIR", help="write Grad-CAM overlay PNGs here")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--layout", choices=["auto", "bilateral", "unilateral"], default="auto",
-                   help="auto: DICOMs that are landscape or whose series says 'bilateral' hold two knees, "
-                        "PNG/JPEG one (default auto)")
     p.add_argument("--tta", choices=["none", "flip"], default=None,
                    help="test-time augmentation (default: the run's setting)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
@@ -43,7 +40,7 @@ def run(args) -> int:
     results, errors, used_names = [], [], set()
     for f in args.files:
         try:
-            res = grader.predict_file(f, heatmaps=heat_dir is not None, layout=args.layout)
+            res = grader.predict_file(f, heatmaps=heat_dir is not None)
         except ClinicError as e:
             errors.append({"file": str(f), "error": str(e)})
             print(f"klgrade predict: error: {e}", file=sys.stderr)

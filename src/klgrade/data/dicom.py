@@ -92,10 +92,9 @@ def radiograph_from_dataset(ds, path: str | Path = "<dataset>", keep_values: boo
     try:
         arr = ds.pixel_array
     except (NotImplementedError, RuntimeError) as e:
-        raise DicomError(path, f"cannot decode pixel data with transfer syntax "
-                               f"{meta['transfer_syntax']} ({e})") from e
+        raise DicomError(path, f"undecodable pixel data ({meta['transfer_syntax']}: {_short(e)})") from e
     except (ValueError, EOFError, OSError, AttributeError, TypeError) as e:
-        reason = str(e)
+        reason = _short(e)
         kind = "truncated pixel data" if _looks_truncated(reason) else "undecodable pixel data"
         raise DicomError(path, f"{kind} ({meta['transfer_syntax']}: {reason})") from e
     if arr.ndim != 2:
@@ -108,6 +107,12 @@ def radiograph_from_dataset(ds, path: str | Path = "<dataset>", keep_values: boo
     spacing, source = pixel_spacing(ds)
     return Radiograph(pixels=pixels, spacing_mm=spacing, spacing_source=source, meta=meta,
                       values=values if keep_values else None)
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    """A decoder's message on one line (pydicom lists every backend's failure on its own line)."""
+    text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _looks_truncated(msg: str) -> bool:

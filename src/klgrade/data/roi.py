@@ -28,13 +28,14 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-WORK_MM = 0.7            # working pixel size for localisation (mm)
+WORK_MM = 1.0            # working pixel size for localisation (mm)
 GAP_SIGMAS_MM = (1.4, 2.8)  # scales of the joint-space valley filter
 FLANK_NEAR_MM, FLANK_FAR_MM = 3.5, 14.0  # bone is looked for this far above/below the gap
 LINE_WIDTH_MM = 30.0     # horizontal averaging of the gap response
+ROW_TOL_MM = 8.0         # how far the gap may leave the peak row across the joint (tilt, JSN)
 KNEE_WIDTH_MM = (45.0, 130.0)  # plausible medial-lateral width of the joint line
 TYPICAL_KNEE_WIDTH_MM = 78.0   # tibial plateau width of an adult, to estimate an unknown scale
-MIN_CONFIDENCE = 0.35
+MIN_CONFIDENCE = 0.5
 # Fields of view tried when a single knee comes without pixel spacing (mm across the long side).
 UNKNOWN_FOV_MM = (110.0, 160.0, 230.0, 330.0)
 
@@ -145,23 +146,39 @@ def _locate_work(g: np.ndarray, my: float, mx: float, x_range: tuple[int, int] |
     if peak <= 0:
         return {"x": w / 2, "y": h / 2, "conf": 0.0, "width": float("nan"), "depth": 0.0, "dom": 0.0,
                 "reason": "no joint-space-like line found"}
-    # Follow the gap medially and laterally from the peak (it may tilt or step between the
-    # compartments), bridging the tibial spines / notch; its ends are the joint's margins.
-    trace = ndimage.uniform_filter1d(score, max(3, int(round(3.0 / mx))), axis=1, mode="constant")
-    thr = 0.2 * float(trace[iy, max(0, ix - line // 2): ix + line // 2 + 1].max())
-    x0, x1, path = _trace_line(trace, iy, ix, thr, max_gap=int(round(20.0 / mx)),
-                               max_dev=int(round(12.0 / my)))
+    # The joint line's extent: per column the best gap score within +-ROW_TOL_MM of the peak row
+    # (the compartments need not be level: tilt, narrowing), kept where it stays above a fraction
+    # of the peak, bridging the tibial spines / notch (up to ~20 mm without a gap).
+    rb = max(1, int(round(ROW_TOL_MM / my)))
+    rows = slice(max(0, iy - rb), min(h, iy + rb + 1))
+    prof = ndimage.uniform_filter1d(score[rows].max(axis=0), max(3, int(round(3.0 / mx))), mode="constant")
+    thr = 0.2 * float(prof[max(0, ix - line // 2): ix + line // 2 + 1].max())
+    above_thr = prof > thr
+    bridge = max(1, int(round(20.0 / mx)))
+    closed = ndimage.binary_closing(above_thr, structure=np.ones(bridge, bool)) | above_thr
+    lab, _ = ndimage.label(closed)
+    seed = ix if lab[ix] else int(np.argmax(prof))
+    run = np.flatnonzero(lab == lab[seed]) if lab[seed] else np.array([ix])
+    x0, x1 = float(run[0]), float(run[-1])
     cx = 0.5 * (x0 + x1)  # midway between the medial and lateral margins of the joint line
     width = x1 - x0 + 1
-    # the joint centre's row: the traced gap's mean row 6-20 mm either side of the centre column
-    # (the tibial spines and the notch interrupt the gap at the centre itself)
-    near = [r for c, r in path.items() if 6.0 / mx <= abs(c - cx) <= 20.0 / mx] or [iy]
-    cy = float(np.mean(near))
-    iy = int(round(cy))
-    rows = slice(max(0, iy - 2), min(h, iy + 3))
-    depth_cols = depth[rows, int(x0): int(x1) + 1].max(axis=0)
+    # The gap fades where a compartment is narrowed and extends along osteophytes, so average
+    # its midpoint with that of the femoral condyles' margins just above it (the bicondylar
+    # width, which joint-space narrowing does not change).
+    fem = _femoral_margins(g, iy, x0, x1, my, mx)
+    if fem is not None:
+        cx = 0.5 * (cx + 0.5 * (fem[0] + fem[1]))
+        width = max(width, fem[1] - fem[0])  # a narrowed compartment shortens the gap, not the bone
+    depth_cols = depth[rows, run[0]: run[-1] + 1].max(axis=0)
+    # Sub-pixel row: parabola through the joint columns' score profile at the peak.
+    colprof = smooth[:, run[0]: run[-1] + 1].mean(axis=1)
+    cy = float(iy)
+    if 0 < iy < h - 1:
+        a, b, c = colprof[iy - 1], colprof[iy], colprof[iy + 1]
+        den = a - 2 * b + c
+        if den < 0:
+            cy = iy + float(np.clip(0.5 * (a - c) / den, -0.5, 0.5))
     # Dominance: the best competing line at least ~15 mm above or below, within the knee's columns.
-    colprof = smooth[:, int(x0): int(x1) + 1].mean(axis=1)
     excl = max(2, int(round(15.0 / my)))
     window = slice(max(0, iy - excl), iy + excl + 1)
     main = float(colprof[window].max())
@@ -169,33 +186,37 @@ def _locate_work(g: np.ndarray, my: float, mx: float, x_range: tuple[int, int] |
     other[window] = 0
     dom = 1.0 - float(other.max()) / max(main, 1e-9)
     gap_depth = float(np.median(depth_cols)) / max(bone - soft, 1e-3)
-    conf = float(np.clip(dom, 0, 1)) * float(np.clip(gap_depth / 0.15, 0, 1))
-    return {"x": cx, "y": cy, "conf": conf, "width": width, "depth": gap_depth, "dom": dom, "reason": "",
+    # A joint space runs nearly unbroken from margin to margin; noise and texture give patches.
+    coverage = float(above_thr[run[0]: run[-1] + 1].mean())
+    # ... with bone above and below along most of it
+    flank_bone = float(np.median(flank_w[rows, run[0]: run[-1] + 1].max(axis=0)))
+    conf = (float(np.clip((dom - 0.5) / 0.35, 0, 1)) * float(np.clip(gap_depth / 0.15, 0, 1))
+            * float(np.clip((coverage - 0.3) / 0.4, 0, 1)) * float(np.clip(flank_bone / 0.6, 0, 1)))
+    return {"x": cx, "y": cy, "conf": conf, "width": width, "depth": gap_depth, "dom": dom, "reason": "", "coverage": coverage,
+            "flank": flank_bone,
             "x0": x0, "x1": x1}
 
 
-def _trace_line(score: np.ndarray, iy: int, ix: int, thr: float, max_gap: int,
-                max_dev: int) -> tuple[float, float, dict[int, int]]:
-    """Trace a ridge of ``score`` left and right of (iy, ix), one row up or down per column at
-    most (more across a bridged stretch), staying within ``max_dev`` rows of ``iy``; stop after ``max_gap`` columns below ``thr``.
-    Returns the first and last column above ``thr`` and the traced row per column."""
-    h, w = score.shape
-    path = {ix: iy}
-    ends = []
-    for step in (-1, 1):
-        y, x, miss, last = iy, ix, 0, ix
-        while 0 <= x + step < w and miss <= max_gap:
-            x += step
-            reach = 1 + min(miss // 2, 3)  # after a bridged stretch the gap may resume a few rows off
-            lo, hi = max(0, y - reach, iy - max_dev), min(h, y + reach + 1, iy + max_dev + 1)
-            yy = lo + int(np.argmax(score[lo:hi, x]))
-            if score[yy, x] > thr:
-                y, miss, last = yy, 0, x
-                path[x] = y
-            else:
-                miss += 1
-        ends.append(last)
-    return float(ends[0]), float(ends[1]), path
+def _femoral_margins(g: np.ndarray, iy: int, x0: float, x1: float, my: float,
+                     mx: float) -> tuple[float, float] | None:
+    """Outer margins (work px) of the femoral condyles 4-10 mm above the gap at row ``iy``: the
+    outermost columns brighter than midway between bone and the soft tissue beside the joint."""
+    h, w = g.shape
+    r0, r1 = iy - int(round(10.0 / my)), iy - int(round(4.0 / my)) + 1
+    pad = int(round(25.0 / mx))
+    a, b = max(0, int(x0) - pad), min(w, int(x1) + pad + 1)
+    if r0 < 0 or r1 <= r0 or b - a < 5:
+        return None
+    p = g[r0:r1, a:b].mean(axis=0)
+    i0, i1 = int(x0) - a, int(x1) - a
+    outside = np.concatenate([p[:max(i0, 1)], p[i1 + 1:]])
+    bone, soft = float(np.percentile(p[i0: i1 + 1], 90)), float(np.median(outside))
+    if bone <= soft:
+        return None
+    above = np.flatnonzero(p > 0.5 * (soft + bone))
+    if len(above) < 2:
+        return None
+    return a + above[0] - 0.5, a + above[-1] + 0.5
 
 
 def _finish(res: dict, fy: int, fx: int, wy: float, wx: float, spacing, estimated: bool,

@@ -18,6 +18,7 @@ patient's right knee on the image's left, as on OAI bilateral PA fixed-flexion f
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -42,16 +43,17 @@ LABEL_FEATURES = ("XRKL", "XRJSM", "XRJSL", "XROSFM", "XROSFL", "XROSTM", "XROST
                   "XRSCFM", "XRSCTM", "XRATTM", "XRATTL")
 
 # Per-grade finding tables (index = KL grade). Sizes in mm.
-_OST_BASE = np.array([0.0, 1.0, 2.6, 4.2, 6.5])      # largest osteophyte
-_OST_SPREAD = np.array([0.0, 0.45, 0.7, 0.9, 1.4])
+_OST_BASE = np.array([0.0, 1.1, 3.6, 5.6, 8.5])      # largest osteophyte
+_OST_SPREAD = np.array([0.0, 0.5, 0.9, 1.1, 1.6])
 _OST_SITES = np.array([0, 1, 2, 3, 4])               # sites with a spur (extra sites get smaller ones)
-_JSN_BASE = np.array([0.0, 0.1, 0.55, 1.8, 3.4])      # medial narrowing
-_JSN_SPREAD = np.array([0.0, 0.15, 0.45, 0.6, 0.6])
-_SCLEROSIS = np.array([0.0, 0.0, 0.06, 0.28, 0.55])
-_VARUS_DEG = np.array([0.0, 0.0, 0.3, 1.2, 3.5])
-_ATTRITION = np.array([0.0, 0.0, 0.0, 0.4, 1.6])      # medial plateau depression (mm)
-_SPINE_PEAK = np.array([0.0, 0.2, 0.7, 1.1, 1.6])     # extra tibial-spine height (mm)
+_JSN_BASE = np.array([0.0, 0.1, 0.7, 2.2, 3.8])       # medial narrowing
+_JSN_SPREAD = np.array([0.0, 0.15, 0.5, 0.6, 0.5])
+_SCLEROSIS = np.array([0.0, 0.0, 0.08, 0.4, 0.75])
+_VARUS_DEG = np.array([0.0, 0.0, 0.3, 1.5, 4.0])
+_ATTRITION = np.array([0.0, 0.0, 0.0, 0.5, 1.8])      # medial plateau depression (mm)
+_SPINE_PEAK = np.array([0.0, 0.2, 0.9, 1.4, 2.0])     # extra tibial-spine height (mm)
 _CONDYLE_FLAT = np.array([1.0, 1.0, 1.0, 0.93, 0.75])  # <1 flattens the medial condyle
+_SITE_ORDERS = list(itertools.permutations(range(4)))  # which margins grow spurs first
 
 
 # --------------------------------------------------------------------------- cohort
@@ -66,7 +68,7 @@ def random_anatomy(rng: np.random.Generator, patient: dict | None = None) -> dic
         "jsw_medial_mm": float(np.clip(rng.normal(4.8, 0.55), 3.2, 6.5)),
         "jsw_lateral_mm": float(np.clip(rng.normal(5.9, 0.55), 4.2, 7.8)),
         "condyle_height_mm": float(rng.normal(13.0, 0.8)),
-        "spine_height_mm": float(rng.normal(7.5, 0.7)),
+        "spine_height_mm": float(rng.normal(6.5, 0.6)),
         "fibula_dx_mm": float(rng.normal(0.0, 1.5)),
         "fibula_dy_mm": float(rng.normal(0.0, 2.0)),
         "patella_dx_mm": float(rng.normal(-3.0, 3.0)),
@@ -83,7 +85,7 @@ def random_anatomy(rng: np.random.Generator, patient: dict | None = None) -> dic
 def random_patient(rng: np.random.Generator) -> dict:
     return {
         "scale": float(np.clip(rng.normal(1.0, 0.06), 0.86, 1.16)),
-        "soft_tissue_mm": float(np.clip(rng.normal(58.0, 6.0), 46.0, 75.0)),
+        "soft_tissue_mm": float(np.clip(rng.normal(64.0, 6.0), 50.0, 80.0)),  # OAI: BMI ~28
         "bone_density": float(np.clip(rng.normal(1.0, 0.08), 0.8, 1.2)),
     }
 
@@ -153,9 +155,7 @@ def knee_findings(klg: int, anatomy: dict) -> dict:
     u, v = anatomy["ost_u"], anatomy["jsn_u"]
     largest = _OST_BASE[klg] + _OST_SPREAD[klg] * (2 * u - 1)
     # site order: a fixed permutation per knee so the same margins grow spurs as the grade rises.
-    perms = [(a, b, c, d) for a in range(4) for b in range(4) for c in range(4) for d in range(4)
-             if len({a, b, c, d}) == 4]
-    order = perms[anatomy["site_order"] % len(perms)]
+    order = _SITE_ORDERS[int(anatomy["site_order"]) % len(_SITE_ORDERS)]
     sizes = np.zeros(4)
     n_sites = _OST_SITES[klg]
     if klg == 1 and u > 0.6:
@@ -237,16 +237,38 @@ class _Frame:
         self.yt = sv * self.xr + cv * self.yr
 
 
+def _spur(X, Y, bx, by, ang, length, width):
+    """Signed distance inside a tapering spur (osteophyte) rooted 3 mm inside the bone at (bx, by)
+    that grows ``length`` mm out along ``ang``; ``width`` is its half-width at the margin."""
+    c, s = float(np.cos(ang)), float(np.sin(ang))
+    dx, dy = X - np.float32(bx), Y - np.float32(by)
+    p = c * dx + s * dy          # along the spur
+    q = np.abs(-s * dx + c * dy)  # across it
+    taper = width * np.clip(1.0 - p * (1.0 / length), 0.0, 1.3) ** 0.7  # beak-like: blunt base, sharp tip
+    return np.minimum(np.minimum(taper - q, p + 3.0), length - p)
+
+
+def _smax(a, b, k: float = 1.5):
+    """Smooth union of two 'distance inside' fields (so a spur blends into the cortex)."""
+    h = np.clip(0.5 + 0.5 * (a - b) * (1.0 / k), 0.0, 1.0)
+    return b + (a - b) * h + k * h * (1.0 - h)
+
+
 def _knee_attenuation(xv: np.ndarray, yv: np.ndarray, klg: int, anat: dict, rng: np.random.Generator,
                       px_mm: float) -> np.ndarray:
     """Attenuation (arbitrary units) of one knee and leg on the grid xv (columns) x yv (rows), in
-    mm, canonical orientation: origin at the joint centre, y downwards, lateral = negative x."""
+    mm, canonical orientation: origin at the joint centre, y downwards, lateral = negative x.
+
+    The random stream is consumed the same way for every grade, so one knee rendered with the same
+    seed at two grades differs only by its findings."""
     xv = np.asarray(xv, np.float32)
     yv = np.asarray(yv, np.float32)
     f = knee_findings(klg, anat)
     s = float(anat["scale"])
     e = max(0.35, 0.5 * px_mm)  # soft edges avoid aliasing at any pixel size
     tilt = float(np.deg2rad(anat["tilt_deg"] + rng.normal(0, 0.4)))
+    spur_jitter = rng.uniform(0.85, 1.15, size=4)
+    tex = _texture((yv.size, xv.size), rng, px_mm)
     varus = float(np.deg2rad(f["varus_deg"]))
     fr = _Frame(xv, yv, tilt, varus, s)
     xr, yr, xt, yt = fr.xr, fr.yr, fr.xt, fr.yt
@@ -255,19 +277,21 @@ def _knee_attenuation(xv: np.ndarray, yv: np.ndarray, klg: int, anat: dict, rng:
     w_st = float(anat["soft_tissue_mm"]) / s * (1.0 + 0.18 * expit(-(yr + 40) / 25) - 0.08 * expit((yr - 40) / 25))
     u = xr / w_st
     u2 = u * u
-    att = (0.34 * np.sqrt(np.clip(1.0 - u2, 0, None)) + 0.16 * np.sqrt(np.clip(1.0 - u2 * 1.8, 0, None))) * (
+    # subcutaneous fat attenuates less than muscle, so the skin edge ramps up rather than steps
+    att = (0.45 * np.clip(1.0 - u2, 0, None) ** 0.8 + 0.3 * np.sqrt(np.clip(1.0 - u2 * 1.8, 0, None))) * (
         w_st * (1.0 / 58.0))
 
-    # ---- femur: two condyle arcs below a flaring metaphysis and a tubular shaft
+    # ---- femur: two condyles (flat-bottomed arcs) below a flaring metaphysis and a tubular shaft
     b = float(anat["condyle_height_mm"])
     y0 = -2.5  # lowest point of the femoral condyles; the gap's midline is about y = 0
+    condyles = ((-19.0, 19.0, 0.38), (19.5, 20.0, 0.38 * f["condyle_flat"]))  # lateral, medial
     bottom = None
-    for cx, a, expo in ((-19.0, 19.0, 0.5), (19.5, 20.0, 0.5 * f["condyle_flat"])):
+    for cx, a, expo in condyles:
         tt = np.clip(1.0 - ((xr - cx) * (1.0 / a)) ** 2, 0, None)
-        arc = (y0 - b) + b * (np.sqrt(tt) if expo == 0.5 else tt ** expo)
+        arc = (y0 - b) + b * tt ** expo
         bottom = arc if bottom is None else np.maximum(bottom, arc)
-    flare = expit((yr + 45.0) * (1.0 / 11.0))
-    d_fem = np.minimum(np.minimum(bottom - yr, xr + (13.5 + 24.5 * flare)), (14.0 + 26.0 * flare) - xr)
+    flare = expit((yr + 75.0) * (1.0 / 20.0))  # the metaphysis narrows slowly to the shaft
+    d_fem = np.minimum(np.minimum(bottom - yr, xr + (13.5 + 25.0 * flare)), (14.0 + 26.0 * flare) - xr)
     cw_f = 0.9 + 2.6 * expit((-yr - 60.0) * 0.1)  # cortex thickens towards the diaphysis
 
     # ---- tibia (rotated by the varus deformity about the joint centre)
@@ -275,32 +299,53 @@ def _knee_attenuation(xv: np.ndarray, yv: np.ndarray, klg: int, anat: dict, rng:
     jsw_l = max(0.5, anat["jsw_lateral_mm"] - f["jsn_lateral_mm"]) / s
     side = expit(xt * (1.0 / 3.0))  # 0 lateral .. 1 medial
     spine_h = float(anat["spine_height_mm"] + f["spine_peak_mm"])
-    spines = spine_h * (np.exp(-((xt + 4.5) * (1 / 2.6)) ** 2) + np.exp(-((xt - 4.0) * (1 / 2.6)) ** 2))
+    spines = spine_h * (np.exp(-((xt + 4.5) * (1 / 3.4)) ** 2) + np.exp(-((xt - 4.0) * (1 / 3.4)) ** 2))
     plateau = side * (0.8 * np.exp(-((xt - 20) * 0.1) ** 2) + f["attrition_mm"] * np.exp(-((xt - 22) * (1 / 12)) ** 2)) \
         - (1 - side) * (0.6 * np.exp(-((xt + 20) * (1 / 12)) ** 2))
     top = (y0 + jsw_l) + (jsw_m - jsw_l) * side + plateau - spines
     top = top + 6.0 * expit((np.abs(xt + 0.5) - 38.0) * (1 / 1.5))  # rounded plateau corners
-    tflare = expit((32.0 - yt) * 0.1)
+    tflare = expit((45.0 - yt) * (1 / 16.0))
     d_tib = np.minimum(np.minimum(yt - top, xt + (13.0 + 25.0 * tflare)), (13.0 + 25.5 * tflare) - xt)
     cw_t = 0.9 + 2.4 * expit((yt - 70.0) * 0.1)
-
-    tex = _texture(d_fem.shape, rng, px_mm)
-
-    def bone(d, cw, tex=tex):
-        inside = _sig(d, e)
-        core = np.sqrt(np.clip(d, 0, 30.0) * (1.0 / 30.0))  # projected thickness of a rounded bone
-        cortex = np.exp(-(((d - cw * 0.5) / cw) ** 2))
-        return inside * (0.5 * core * (1.0 + 0.25 * tex) + 0.35 + 0.5 * cortex)
-
-    att_bone = bone(d_fem, cw_f) + bone(d_tib, cw_t)
 
     # Features near the joint are drawn in sub-windows only (most of the grid is shaft/soft tissue).
     win = _window(xv, yv, -75 * s, 75 * s, -60 * s, 60 * s)
     if win is not None:
         rs, cs = win
         xr_, yr_, xt_, yt_ = xr[rs, cs], yr[rs, cs], xt[rs, cs], yt[rs, cs]
+        # osteophytes: spurs growing out of the joint margins, outwards and towards the joint line
+        yc = y0 - b + b * float((1 - 0.9 ** 2) ** 0.38)
+        ys_l, ys_m = y0 + jsw_l + 1.6, y0 + jsw_m + 1.6 + 0.5 * f["attrition_mm"]
+
+        def tib_w(y, lat):
+            return 13.0 + (25.0 if lat else 25.5) * float(expit((45.0 - y) / 16.0))
+
+        sites = (  # (base x, base y, angle (y down), on tibia?)
+            (-19.0 - 19.0 * 0.9, yc, np.pi - 0.6, False),      # femur lateral, points out and down
+            (19.5 + 20.0 * 0.9, yc, 0.6, False),               # femur medial
+            (-tib_w(ys_l, True), ys_l, np.pi + 0.55, True),    # tibia lateral, points out and up
+            (tib_w(ys_m, False), ys_m, -0.55, True),           # tibia medial
+        )
+        sizes = f["osteophyte_mm"] / s * spur_jitter
+        for size, (bx, by, ang, on_tibia) in zip(sizes, sites):
+            if size <= 0.05:
+                continue
+            size = float(size)
+            if on_tibia:
+                d_tib[rs, cs] = _smax(d_tib[rs, cs], _spur(xt_, yt_, bx, by, ang, size, 0.35 * size + 1.0))
+            else:
+                d_fem[rs, cs] = _smax(d_fem[rs, cs], _spur(xr_, yr_, bx, by, ang, size, 0.35 * size + 1.0))
+
+    def bone(d, cw, tex=tex):
+        inside = _sig(d, e)
+        core = np.sqrt(np.clip(d, 0, 30.0) * (1.0 / 30.0))  # projected thickness of a rounded bone
+        cortex = np.exp(-(((d - cw * 0.5) / cw) ** 2))
+        return inside * (0.5 * core * (1.0 + 0.12 * tex) + 0.35 + 0.4 * cortex)
+
+    att_bone = bone(d_fem, cw_f) + bone(d_tib, cw_t)
+
+    if win is not None:
         top_, bot_, dt_, df_ = top[rs, cs], bottom[rs, cs], d_tib[rs, cs], d_fem[rs, cs]
-        tex_ = tex[rs, cs]
         add = np.zeros(xr_.shape, np.float32)
         # intercondylar notch: less bone overlaps there
         add -= 0.3 * _sig(_ellipse_in(xr_, yr_, 0.0, -10.0, 8.0, 11.0), 1.5) * _sig(df_, e)
@@ -309,7 +354,7 @@ def _knee_attenuation(xv: np.ndarray, yv: np.ndarray, klg: int, anat: dict, rng:
         add += 0.12 * rim * (np.abs(xt_) < 34)
         # patella: faint overlay over the distal femur
         d_pat = _ellipse_in(xr_, yr_, anat["patella_dx_mm"], -24.0 + anat["patella_dy_mm"], 21.0, 24.0)
-        add += 0.16 * _sig(d_pat, 2.5) * (1 + 0.5 * np.sqrt(np.clip(d_pat, 0, 20) * (1 / 20)))
+        add += 0.22 * _sig(d_pat, 2.5) * (1 + 0.5 * np.sqrt(np.clip(d_pat, 0, 20) * (1 / 20)))
         # subchondral sclerosis, mostly medial
         sc = f["sclerosis"]
         if sc > 0:
@@ -317,36 +362,18 @@ def _knee_attenuation(xv: np.ndarray, yv: np.ndarray, klg: int, anat: dict, rng:
             band_t = np.exp(-np.clip(yt_ - top_, 0, None) * (1 / 5.0)) * _sig(dt_, e)
             band_f = np.exp(-np.clip(bot_ - yr_, 0, None) * (1 / 4.0)) * _sig(df_, e)
             add += sc * (med * (band_t + 0.6 * band_f) + 0.3 * (1 - med) * band_t)
-        # osteophytes: spurs growing out of the joint margins, pointing outwards and to the joint
-        sizes = f["osteophyte_mm"] / s
-        yc = y0 - b + b * float(np.sqrt(1 - 0.88 ** 2))
-        sites = (
-            (-19.0 - 19.0 * 0.88, yc, np.pi + 0.55, False),       # femur lateral
-            (19.5 + 20.0 * 0.88, yc, -0.55, False),               # femur medial
-            (-38.0, y0 + jsw_l + 1.0, np.pi - 0.5, True),         # tibia lateral
-            (38.5, y0 + jsw_m + 1.0 + 0.5 * f["attrition_mm"], 0.5, True),  # tibia medial
-        )
-        for size, (sx, sy, ang, on_tibia) in zip(sizes, sites):
-            if size <= 0.05:
-                continue
-            size = float(size * rng.uniform(0.85, 1.15))
-            X_, Y_ = (xt_, yt_) if on_tibia else (xr_, yr_)
-            length, width = size + 1.0, 0.4 * size + 0.7
-            # the spur's base sits 1 mm inside the bone so it grows out of the margin
-            cx = sx + float(np.cos(ang)) * (0.5 * length - 1.0)
-            cy = sy + float(np.sin(ang)) * (0.5 * length - 1.0)
-            d_o = _ellipse_in(X_, Y_, cx, cy, 0.5 * length + 0.3, width, ang)
-            add += 0.9 * _sig(d_o, e) * (0.75 + 0.25 * tex_)
         att_bone[rs, cs] += add
-    # fibula (lateral): head overlapping the tibia's lateral margin, then the shaft down the leg
+    # fibula (lateral): head overlapping the tibia's lateral margin, then the shaft down the leg;
+    # a thinner bone than the tibia, so fainter in projection
     win = _window(xv, yv, -75 * s, -5 * s, 0.0, np.inf)
     if win is not None:
         rs, cs = win
         xt_, yt_ = xt[rs, cs], yt[rs, cs]
-        fx, fy = -36.0 + anat["fibula_dx_mm"], 22.0 + anat["fibula_dy_mm"]
-        d_head = _ellipse_in(xt_, yt_, fx, fy, 9.0, 11.0, 0.25)
-        d_shaft = np.minimum(4.8 - np.abs(xt_ - (fx + 1.5 - 0.07 * (yt_ - fy))), yt_ - fy)
-        att_bone[rs, cs] += 0.8 * bone(np.maximum(d_head, d_shaft), 1.2, tex[rs, cs])
+        fx, fy = -36.0 + anat["fibula_dx_mm"], 26.0 + anat["fibula_dy_mm"]  # apex ~1.5 cm below the plateau
+        d_head = _ellipse_in(xt_, yt_, fx, fy, 9.5, 11.5, 0.35)
+        half = 4.6 + 2.5 * np.exp(-np.clip(yt_ - fy, 0, None) * (1 / 25.0))  # neck tapers to the shaft
+        d_shaft = np.minimum(half - np.abs(xt_ - (fx + 1.0 - 0.06 * (yt_ - fy))), yt_ - fy)
+        att_bone[rs, cs] += 0.6 * bone(_smax(d_head, d_shaft, 2.0), 1.2, tex[rs, cs])
 
     return att + float(anat["bone_density"]) * np.clip(att_bone, 0, None)
 
@@ -354,7 +381,7 @@ def _knee_attenuation(xv: np.ndarray, yv: np.ndarray, klg: int, anat: dict, rng:
 def _texture(shape, rng: np.random.Generator, px_mm: float) -> np.ndarray:
     """Trabecular-like texture: anisotropic band-passed noise, unit variance, mostly vertical."""
     n = rng.standard_normal(shape, dtype=np.float32)
-    sy, sx = max(0.5, 1.0 / px_mm), max(0.4, 0.45 / px_mm)
+    sy, sx = max(0.5, 1.3 / px_mm), max(0.4, 0.55 / px_mm)
     a = ndimage.gaussian_filter(n, (sy, sx), mode="nearest")
     a -= ndimage.gaussian_filter(a, (3 * sy, 3 * sx), mode="nearest")
     sd = float(a.std()) or 1.0
@@ -364,17 +391,19 @@ def _texture(shape, rng: np.random.Generator, px_mm: float) -> np.ndarray:
 def _expose(att: np.ndarray, rng: np.random.Generator, px_mm: float, exposure: float | None = None,
             noise: float | None = None) -> np.ndarray:
     """Attenuation -> detector image in [0, 1] (bone bright), with exposure, scatter and noise."""
-    k = float(exposure if exposure is not None else rng.uniform(0.65, 0.95))
+    # draw every parameter even when given, so the random stream does not depend on the arguments
+    k_r, sigma_r, gamma = rng.uniform(0.65, 0.95), rng.uniform(0.008, 0.025), rng.uniform(0.8, 1.25)
+    lo, hi = rng.uniform(0.02, 0.08), rng.uniform(0.88, 0.98)
+    k = float(exposure if exposure is not None else k_r)
     img = 1.0 - np.exp(-k * att)
     # scatter / veiling glare: a wide blur (done at 1/8 size, it is smooth) lowers contrast a little
     small = img[::8, ::8]
     glare = ndimage.zoom(ndimage.gaussian_filter(small, max(1.0, 1.5 / px_mm), mode="nearest"),
                          (img.shape[0] / small.shape[0], img.shape[1] / small.shape[1]), order=1)
     img = 0.9 * img + 0.1 * glare[: img.shape[0], : img.shape[1]]
-    sigma = noise if noise is not None else rng.uniform(0.008, 0.025)
-    img = img + sigma * rng.standard_normal(img.shape, dtype=np.float32) * np.sqrt(0.3 + img)
-    gamma = rng.uniform(0.8, 1.25)
-    lo, hi = rng.uniform(0.02, 0.08), rng.uniform(0.88, 0.98)
+    sigma = float(noise if noise is not None else sigma_r)
+    if sigma > 0:  # quantum noise grows with the signal
+        img = img + sigma * rng.standard_normal(img.shape, dtype=np.float32) * np.sqrt(0.3 + img)
     img = lo + (hi - lo) * np.clip(img, 0, 1) ** gamma
     return np.clip(img, 0, 1).astype(np.float32)
 
@@ -408,8 +437,8 @@ def render_knee(
     if spacing_mm is None:
         spacing_mm = fov_mm / size_px
     anatomy = anatomy if anatomy is not None else random_anatomy(rng)
-    # Draw at <= 0.5 mm/px (or 3x supersampled) then box-downsample, so thin cortices and spurs do not alias.
-    factor = min(3, max(1, int(np.ceil(spacing_mm / 0.5))))
+    # Draw at <= 0.5 mm/px (at most 2x supersampled) then box-downsample, so thin cortices and spurs do not alias.
+    factor = min(2, max(1, int(np.ceil(spacing_mm / 0.5))))
     n = size_px * factor
     px = spacing_mm / factor
     off = rng.uniform(-jitter_mm, jitter_mm, size=2)
@@ -443,25 +472,30 @@ def render_bilateral(
     patient = random_patient(rng)
     ar = anatomy_right if anatomy_right is not None else random_anatomy(rng, patient)
     al = anatomy_left if anatomy_left is not None else random_anatomy(rng, patient)
-    # Work on a coarse grid (~0.35 mm/px, the crop resolution pipelines use) and upsample.
-    px = max(spacing_mm, 0.35)
+    # Work on a coarse grid (~0.4 mm/px, about the crop resolution pipelines use) and upsample.
+    px = max(spacing_mm, 0.4)
     ch, cw = int(np.ceil(rows * spacing_mm / px)), int(np.ceil(cols * spacing_mm / px))
     width_mm, height_mm = cols * spacing_mm, rows * spacing_mm
-    # Knee separation ~150-190 mm, shrunk if the detector is narrow; random framing offsets.
-    sep = min(rng.uniform(150, 190), width_mm - 90.0)
-    sep = max(sep, 0.45 * width_mm)
-    mid_x = width_mm / 2 + rng.uniform(-0.04, 0.04) * width_mm
-    mid_y = height_mm / 2 + rng.uniform(-0.06, 0.06) * height_mm
+    # Legs side by side with a 5-45 mm gap between the skins (knee centres ~130-190 mm apart).
+    # On a narrow detector the knees move together, but stay >= 60 mm from the outer edges
+    # (a 140 mm crop may then run a little off the film, as with tight real framing).
+    legs = {"R": ar["soft_tissue_mm"] * ar["scale"], "L": al["soft_tissue_mm"] * al["scale"]}
+    sep = legs["R"] + legs["L"] + rng.uniform(5.0, 45.0)
+    sep = float(np.clip(sep, 115.0, max(115.0, width_mm - 120.0)))
+    slack_x = max(0.0, (width_mm - sep) / 2 - 72.0)
+    slack_y = max(0.0, height_mm / 2 - 75.0)
+    mid_x = width_mm / 2 + rng.uniform(-1, 1) * min(slack_x, 0.04 * width_mm)
+    mid_y = height_mm / 2 + rng.uniform(-1, 1) * min(slack_y, 0.06 * height_mm)
     centres_mm = {"R": (mid_x - sep / 2, mid_y + rng.normal(0, 2.0)),
                   "L": (mid_x + sep / 2, mid_y + rng.normal(0, 2.0))}
     xs = (np.arange(cw, dtype=np.float32) + 0.5) * px
     ys = (np.arange(ch, dtype=np.float32) + 0.5) * px
     att = np.zeros((ch, cw), np.float32)
-    half = min(sep / 2, 95.0)
     for side, klg, anat in (("R", klg_right, ar), ("L", klg_left, al)):
         cx, cy = centres_mm[side]
-        c0 = int(np.clip((cx - half) / px, 0, cw))
-        c1 = int(np.clip((cx + half) / px + 1, 0, cw))
+        half = 1.25 * legs[side] + 5.0  # the thigh is wider than the knee; beyond it there is only air
+        c0 = int(np.clip(np.floor((cx - half) / px), 0, cw))
+        c1 = int(np.clip(np.ceil((cx + half) / px) + 1, 0, cw))
         if c1 <= c0:
             continue
         xv = xs[c0:c1] - np.float32(cx)
@@ -471,7 +505,8 @@ def render_bilateral(
     # exposure + noise: structure at coarse resolution, quantum noise at full resolution
     img = _expose(att, rng, px, exposure, noise=0.0)
     img = _resize(img, (rows, cols))
-    sigma = noise if noise is not None else rng.uniform(0.006, 0.02)
+    sigma_r = rng.uniform(0.006, 0.02)
+    sigma = float(noise if noise is not None else sigma_r)
     img += sigma * rng.standard_normal(img.shape, dtype=np.float32)
     np.clip(img, 0, 1, out=img)
     # the centre of pixel i is at (i + 0.5) * spacing mm
@@ -493,8 +528,8 @@ def write_png_dataset(
     progress: bool | None = None,
 ) -> Path:
     """Unilateral synthetic crops as 8-bit PNG (canonical orientation, i.e. left knees already
-    flipped) under ``out_dir/images/`` plus ``manifest.csv`` with a patient-level split.
-    Returns the manifest path."""
+    flipped) under ``out_dir/images/`` plus ``manifest.csv`` with a patient-level split (stratified
+    by grade, seeded). Returns the dataset dir (what ``read_manifest`` takes)."""
     from tqdm.auto import tqdm
 
     from klgrade.data.manifest import write_manifest
@@ -516,7 +551,8 @@ def write_png_dataset(
                      "side": r.side, "klg": r.klg, "source": "synthetic"})
     df = pd.DataFrame(rows)
     df["split"] = patient_split(df, split, seed=seed).to_numpy()
-    return write_manifest(df, out)
+    write_manifest(df, out)
+    return out
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -681,8 +717,10 @@ def write_dicom_tree(
     extension), a ``<visit>m/contents.csv`` per release, KL label tables ``kxr_sq_buVV.txt``
     (pipe-delimited, BU reads) at ``out_dir``, and ``out_dir/truth.csv`` (one row per knee:
     path relative to ``out_dir``, patient_id, visit, side, klg, klg_label, joint centre x/y in px,
-    spacing, photometric, ...). A fraction of patients also get a non-knee series (to be skipped).
-    Variation knobs are keyword arguments. Returns the truth table.
+    spacing, photometric, ...). Some visits also get a non-knee series (to be skipped).
+    Variation knobs are keyword arguments; each ``*_frac`` gives an exact share (at least one item
+    when > 0, so a tiny tree still has MONOCHROME1, CR, PixelSpacing-only, a non-knee series, a
+    missing ``.M`` grade and a duplicate READPRJ row). Returns the truth table.
     """
     from tqdm.auto import tqdm
 
@@ -698,7 +736,15 @@ def write_dicom_tree(
     nb = iter(barcode_pool)
     by_key = {(r.patient_id, r.visit, r.side): r for r in cohort.itertuples(index=False)}
     jobs = [(pid, v) for pid in patients for v in visits]
-    for pid, v in tqdm(jobs, desc="synth dicom", disable=None if progress is None else not progress):
+    # Exact counts (at least one when the fraction is > 0) so even a tiny tree has every variant.
+    n_img, n_knee = len(jobs), 2 * len(jobs)
+    is_m1 = _pick(n_img, monochrome1_frac, rng)
+    is_cr = _pick(n_img, cr_frac, rng)
+    is_ps = _pick(n_img, pixelspacing_only_frac, rng)
+    is_other = _pick(n_img, other_series_frac, rng)
+    is_missing = _pick(n_knee, missing_label_frac, rng)
+    is_dup = _pick(n_knee, duplicate_read_frac, rng)
+    for j, (pid, v) in enumerate(tqdm(jobs, desc="synth dicom", disable=None if progress is None else not progress)):
         prng = np.random.default_rng([seed, 3, int(pid)])  # per-patient constants (identity, dates)
         fake_name = f"SYNTH^PATIENT{prng.integers(10**6):06d}"
         fake_id = f"SYN{prng.integers(10**8):08d}"
@@ -707,10 +753,9 @@ def write_dicom_tree(
         date = (base + _dt.timedelta(days=int(round(v * 30.44)) + int(rng.integers(-20, 21)))).strftime("%Y%m%d")
         r, lft = by_key[(pid, v, "R")], by_key[(pid, v, "L")]
         spacing = float(np.round(rng.uniform(*spacing_range), 4))
-        photometric = "MONOCHROME1" if rng.uniform() < monochrome1_frac else "MONOCHROME2"
-        modality = "CR" if rng.uniform() < cr_frac else "DX"
-        spacing_tag = "PixelSpacing" if rng.uniform() < pixelspacing_only_frac else (
-            "both" if rng.uniform() < 0.3 else "ImagerPixelSpacing")
+        photometric = "MONOCHROME1" if is_m1[j] else "MONOCHROME2"
+        modality = "CR" if is_cr[j] else "DX"
+        spacing_tag = "PixelSpacing" if is_ps[j] else ("both" if rng.uniform() < 0.3 else "ImagerPixelSpacing")
         rescale, vrange = [((1.0, 0.0), 3950.0), ((2.0, 0.0), 7900.0), ((1.0, -1024.0), 3000.0)][
             int(rng.choice(3, p=[0.6, 0.2, 0.2]))]
         img, tr = render_bilateral(int(r.klg), int(lft.klg), rng, spacing_mm=spacing, shape=shape,
@@ -727,9 +772,9 @@ def write_dicom_tree(
         save_dataset(ds, out / rel)
         contents[v].append({"Folder": folder, "ParticipantID": pid, "StudyDate": date, "Barcode": barcode,
                             "StudyDescription": "OAI knee x-ray", "SeriesDescription": KNEE_SERIES})
-        for side, row in (("R", r), ("L", lft)):
+        for k, (side, row) in enumerate((("R", r), ("L", lft))):
             anat = {k: getattr(row, k) for k in ANATOMY_KEYS}
-            missing = rng.uniform() < missing_label_frac
+            missing = bool(is_missing[2 * j + k])
             truth.append({"path": rel, "patient_id": pid, "visit": v, "side": side, "klg": int(row.klg),
                           "klg_label": pd.NA if missing else int(row.klg),
                           "x": round(tr[side][0], 2), "y": round(tr[side][1], 2), "spacing_mm": spacing,
@@ -739,11 +784,11 @@ def write_dicom_tree(
                           "dicom_patient_name": fake_name, "dicom_patient_id": fake_id,
                           "dicom_birth_date": birth})
             labels[v].append(_label_row(pid, side, int(row.klg), anat, v, missing, readprj=15))
-            if rng.uniform() < duplicate_read_frac:
+            if is_dup[2 * j + k]:
                 # another reading project read the same knee (maybe disagreeing); studies keep 15
                 other = int(np.clip(row.klg + rng.choice([-1, 0, 1]), 0, 4))
                 labels[v].append(_label_row(pid, side, other, anat, v, False, readprj=37))
-        if rng.uniform() < other_series_frac:
+        if is_other[j]:
             desc = OTHER_SERIES[int(rng.integers(len(OTHER_SERIES)))]
             ob = f"016{next(nb):05d}"
             ofolder = f"{_oai_series_folder(v)}/{pid}/{date}/{ob}"
@@ -767,6 +812,14 @@ def write_dicom_tree(
     truth_df["klg_label"] = truth_df["klg_label"].astype("Int64")
     io.write_csv(out / "truth.csv", truth_df)
     return truth_df
+
+
+def _pick(n: int, frac: float, rng: np.random.Generator) -> np.ndarray:
+    """A boolean mask with round(frac * n) True entries (at least one if frac > 0), at random."""
+    k = 0 if frac <= 0 else min(n, max(1, int(round(frac * n))))
+    mask = np.zeros(n, bool)
+    mask[rng.choice(n, size=k, replace=False)] = True
+    return mask
 
 
 def _label_row(pid: str, side: str, klg: int, anat: dict, visit: int, missing: bool, readprj: int) -> dict:

@@ -3,8 +3,8 @@
 Heads:
   * ``mlp``     — the study's "custom neural network": two hidden layers with dropout, a class-balanced
                   cross-entropy, AdamW, early stopping on validation QWK (best epoch kept);
-  * ``linear``  — a multinomial logistic-regression probe (scikit-learn), class-balanced, its C chosen
-                  on validation QWK;
+  * ``linear``  — a multinomial logistic-regression probe (scikit-learn's objective, solved with
+                  torch L-BFGS for speed), class-balanced, its C chosen on validation QWK;
   * ``xgboost`` — gradient-boosted trees (optional extra ``klgrade[xgboost]``), class-balanced sample
                   weights, early stopping on validation log-loss.
 
@@ -49,17 +49,17 @@ class HeadConfig:
     balance: bool = True  # class-balanced loss / sample weights
     val_fraction: float = 0.1  # patient-level hold-out of train when the manifest has no val split
     # mlp
-    hidden: tuple[int, ...] = (512, 128)
+    hidden: tuple[int, ...] = (256, 64)
     dropout: float = 0.3
-    epochs: int = 60
-    patience: int = 8
+    epochs: int = 40
+    patience: int = 6
     batch_size: int = 512
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 1e-4
     device: str = "cpu"
     # linear: C grid searched on validation QWK unless one C is given
     C: tuple[float, ...] = (0.01, 0.1, 1.0)
-    max_iter: int = 300
+    max_iter: int = 50  # L-BFGS iterations per C
     # xgboost
     n_estimators: int = 500
     max_depth: int = 4
@@ -111,8 +111,10 @@ def _fit_mlp(cfg: HeadConfig, Xtr, ytr, Xva, yva):
     w = class_weights(ytr) if cfg.balance else (np.bincount(ytr, minlength=N_GRADES) > 0).astype(float)
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(w, dtype=torch.float32, device=dev))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    xt, yt = torch.from_numpy(Xtr).to(dev), torch.from_numpy(ytr).long().to(dev)
-    xv = torch.from_numpy(Xva).to(dev)
+    xt, yt = torch.from_numpy(np.array(Xtr)).to(dev), torch.from_numpy(np.array(ytr)).long().to(dev)
+    xv = torch.from_numpy(np.array(Xva)).to(dev)
+    # Small datasets still get ~10 optimiser steps per epoch (else patience counts single steps).
+    batch_size = min(cfg.batch_size, max(16, -(-len(xt) // 10)))
     best = (-np.inf, np.inf)
     best_state, best_epoch, history, bad = None, 0, [], 0
     from tqdm import tqdm
@@ -123,8 +125,8 @@ def _fit_mlp(cfg: HeadConfig, Xtr, ytr, Xva, yva):
         model.train()
         perm = torch.randperm(len(xt), generator=gen).to(dev)
         total = 0.0
-        for s in range(0, len(perm), cfg.batch_size):
-            idx = perm[s : s + cfg.batch_size]
+        for s in range(0, len(perm), batch_size):
+            idx = perm[s : s + batch_size]
             loss = loss_fn(model(xt[idx]), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,26 +155,45 @@ def _fit_mlp(cfg: HeadConfig, Xtr, ytr, Xva, yva):
 
 
 def _fit_linear(cfg: HeadConfig, Xtr, ytr, Xva, yva):
-    from sklearn.linear_model import LogisticRegression
-
+    """Multinomial logistic regression, scikit-learn's objective (C * sum_i w_i CE_i + ||W||^2 / 2,
+    'balanced' w) minimised with torch's full-batch L-BFGS: scikit-learn's lbfgs works in float64
+    through a per-sample loss loop and took ~1 s per iteration on 32k x 768 here, torch's ~20 ms."""
+    torch.manual_seed(cfg.seed)
+    xt, yt = torch.from_numpy(np.array(Xtr)), torch.from_numpy(np.array(ytr)).long()
+    xv = torch.from_numpy(np.array(Xva))
+    n = len(xt)
+    cw = torch.tensor(class_weights(ytr) if cfg.balance else (np.bincount(ytr, minlength=N_GRADES) > 0) * 1.0,
+                      dtype=torch.float32)
+    W = torch.zeros(N_GRADES, xt.shape[1], requires_grad=True)
+    b = torch.zeros(N_GRADES, requires_grad=True)
     rows, best = [], None
-    for C in cfg.C:
+    # Ascending C with warm starts: each fit starts from the more regularised solution.
+    for C in sorted(cfg.C):
         t0 = time.perf_counter()
-        clf = LogisticRegression(C=C, class_weight="balanced" if cfg.balance else None, max_iter=cfg.max_iter,
-                                 random_state=cfg.seed)
-        clf.fit(Xtr, ytr)
-        p = _expand(clf.predict_proba(Xva), clf.classes_)
+        opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=cfg.max_iter, history_size=20,
+                                tolerance_grad=1e-5, tolerance_change=1e-6, line_search_fn="strong_wolfe")
+        evals = [0]
+
+        def closure(C=C, evals=evals, opt=opt):
+            opt.zero_grad()
+            # Dividing sklearn's objective by C*n keeps the loss O(1) for L-BFGS' tolerances.
+            loss = nn.functional.cross_entropy(xt @ W.T + b, yt, weight=cw, reduction="sum") / n \
+                + (W * W).sum() / (2 * C * n)
+            loss.backward()
+            evals[0] += 1
+            return loss
+
+        opt.step(closure)
+        with torch.no_grad():
+            p = torch.softmax(xv @ W.T + b, 1).numpy().astype(np.float64)
         score = (qwk(yva, p.argmax(1)), -_log_loss(yva, p))
-        rows.append({"C": C, "val_qwk": score[0], "val_loss": -score[1], "iterations": int(np.max(clf.n_iter_)),
+        rows.append({"C": C, "val_qwk": score[0], "val_loss": -score[1], "evaluations": evals[0],
                      "seconds": time.perf_counter() - t0})
         if best is None or score > best[0]:
-            best = (score, clf)
-    clf = best[1]
-    coef = np.zeros((N_GRADES, Xtr.shape[1]), dtype=np.float32)
-    intercept = np.full(N_GRADES, -1e4, dtype=np.float32)  # a grade absent from train is never predicted
-    coef[clf.classes_] = clf.coef_ if len(clf.classes_) > 2 else np.vstack([-clf.coef_, clf.coef_]) / 2
-    intercept[clf.classes_] = clf.intercept_ if len(clf.classes_) > 2 else np.r_[-clf.intercept_, clf.intercept_] / 2
-    ckpt = {"coef": torch.from_numpy(coef), "intercept": torch.from_numpy(intercept), "C": float(clf.C)}
+            best = (score, C, W.detach().clone(), b.detach().clone())
+    _, C, coef, intercept = best
+    intercept[cw == 0] = -1e4  # a grade absent from train is never predicted
+    ckpt = {"coef": coef, "intercept": intercept, "C": float(C)}
     return ckpt, pd.DataFrame(rows)
 
 

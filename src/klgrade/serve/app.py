@@ -7,8 +7,8 @@
 Routes:
 - ``GET /``: a single page where a person drops a radiograph and sees each knee with its grade,
   a probability bar per grade and the heatmap.
-- ``POST /predict`` (multipart field ``file``; query ``heatmaps=true|false``,
-  ``layout=auto|bilateral|unilateral``): ``{"run", "model", "layout", "knees": [...]}`` with the
+- ``POST /predict`` (multipart field ``file``; query ``heatmaps=true|false``):
+  ``{"run", "model", "layout", "knees": [...]}`` with the
   per-knee fields of ``klgrade predict --json``, plus ``view`` and ``heatmap`` as PNG data URLs.
   Over the size limit: 413. Not a usable radiograph: 400 with the reason.
 - ``GET /info``: the loaded run (name, model, input size, TTA, heatmap layer).
@@ -31,7 +31,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 
-from klgrade.clinic import LAYOUTS, ClinicError, Grader, data_url
+from klgrade.clinic import ClinicError, Grader, data_url
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +89,7 @@ def create_app(run_dir: str | Path | None = None, *, grader: Grader | None = Non
     # uploads overlap while the model itself is used by one request at a time (Grader.lock).
     @app.post("/predict")
     def predict(file: UploadFile = File(..., description="a knee radiograph: DICOM, PNG or JPEG"),
-                heatmaps_q: bool = Query(True, alias="heatmaps"),
-                layout: str = Query("auto", description="auto | bilateral | unilateral")) -> dict:
-        if layout not in LAYOUTS:
-            raise HTTPException(400, f"layout must be one of {', '.join(LAYOUTS)}")
+                heatmaps_q: bool = Query(True, alias="heatmaps")) -> dict:
         with tempfile.TemporaryDirectory(prefix="klgrade-upload-") as tmp:
             path = Path(tmp) / "upload"
             with open(path, "wb") as f:
@@ -103,8 +100,8 @@ def create_app(run_dir: str | Path | None = None, *, grader: Grader | None = Non
             if size == 0:
                 raise HTTPException(400, f"{UPLOAD_NAME} is empty")
             try:
-                res = grader.predict_file(path, heatmaps=heatmaps and heatmaps_q, layout=layout,
-                                          display=UPLOAD_NAME, include_view=True)
+                res = grader.predict_file(path, heatmaps=heatmaps and heatmaps_q, display=UPLOAD_NAME,
+                                          include_view=True)
             except ClinicError as e:
                 raise HTTPException(400, str(e).replace(str(path), UPLOAD_NAME)) from None
         for k in res["knees"]:

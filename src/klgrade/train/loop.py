@@ -332,8 +332,9 @@ class Trainer:
                 break
             y = y.to(self.device, non_blocking=True)
             loss = self.train_step(self._prepare(views, gen), y)
-            total += torch.stack([loss.float() * len(y), torch.tensor(float(len(y)), device=self.device)])
-            if i % 10 == 0:
+            total[0] += loss.float() * len(y)  # stays on the device: no per-step sync
+            total[1] += len(y)
+            if i % 25 == 0:
                 bar.set_postfix(loss=f"{float(loss):.4f}")
         if self.dist.enabled:
             torch.distributed.all_reduce(total)

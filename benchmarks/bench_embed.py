@@ -1,0 +1,89 @@
+"""Benchmark: embedding throughput through the real pipeline vs the bare backbone forward.
+
+Pipeline = `klgrade.embeddings.embed_dataset` (manifest -> decode cache -> normalisation -> tower ->
+store flush) on synthetic 224 px knees; bare = the same image tower on random tensors of the same
+shape, same batch size. ViT-B/16 at 224 (BioMedCLIP's tower, random init since no weights are
+available offline). Runs alternate (bare, pipeline-cold, bare, pipeline-warm) so a busy shared CPU
+drifts over both; the target is pipeline >= 0.95 x bare.
+
+    .venv/bin/python benchmarks/bench_embed.py [--patients 6] [--batch-size 8] [--backbone biomedclip]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from klgrade import io
+from klgrade.data.synthetic import write_png_dataset
+from klgrade.embeddings import embed_dataset
+from klgrade.models.embedders import build_embedder
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbone", default="biomedclip")
+    ap.add_argument("--patients", type=int, default=6, help="4 knees per patient (2 visits x 2 sides)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "embed_throughput.json"))
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench_embed_"))
+    os.environ.setdefault("KLGRADE_CACHE", str(tmp / "cache"))
+    emb = build_embedder(args.backbone, weights="none", device="cpu")
+    write_png_dataset(tmp / "data", n_patients=args.patients, seed=0, size=emb.input_size, progress=False)
+    x = torch.randn(args.batch_size, 3, emb.input_size, emb.input_size)
+
+    def bare(n_images: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(0, n_images, args.batch_size):
+                emb.module(x[: min(args.batch_size, n_images - s)])
+        return n_images / (time.perf_counter() - t0)
+
+    def pipeline(i: int) -> tuple[float, int]:
+        t0 = time.perf_counter()
+        store = embed_dataset(tmp / "data", args.backbone, tmp / f"store{i}", embedder=emb,
+                              batch_size=args.batch_size, progress=False)
+        return len(store.index) / (time.perf_counter() - t0), len(store.index)
+
+    with torch.inference_mode():
+        emb.module(x[:1])  # warm-up (allocations, kernels)
+    t0 = time.perf_counter()
+    _ = emb.fingerprint  # per-run fixed cost (sha1 of the tower's tensors), reported apart from throughput
+    fingerprint_s = time.perf_counter() - t0
+    rows = []
+    for rep in range(args.reps):
+        if rep == 0:
+            # cold: includes decoding the PNGs into the view cache
+            pipe, n_img = pipeline(rep)
+            b = bare(n_img)
+            rows.append({"rep": rep, "bare_img_s": b, "pipeline_img_s": pipe, "cache": "cold"})
+        else:
+            b = bare(n_img)
+            pipe, _ = pipeline(rep)
+            rows.append({"rep": rep, "bare_img_s": b, "pipeline_img_s": pipe, "cache": "warm"})
+        r = rows[-1]
+        print(f"rep {rep} ({r['cache']}): bare {r['bare_img_s']:.2f} img/s, pipeline {r['pipeline_img_s']:.2f} img/s, "
+              f"ratio {r['pipeline_img_s'] / r['bare_img_s']:.3f}", flush=True)
+    best_bare = max(r["bare_img_s"] for r in rows)
+    best_pipe = max(r["pipeline_img_s"] for r in rows)
+    result = {"backbone": args.backbone, "input_size": emb.input_size, "dim": emb.dim, "images": n_img,
+              "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+              "machine": platform.processor() or platform.machine(), "load_avg_1min": os.getloadavg()[0],
+              "fingerprint_seconds_fixed": round(fingerprint_s, 3), "runs": rows, "best_bare_img_s": best_bare, "best_pipeline_img_s": best_pipe,
+              "ratio_best": best_pipe / best_bare,
+              "ratio_mean": sum(r["pipeline_img_s"] / r["bare_img_s"] for r in rows) / len(rows)}
+    result["meets_0_95"] = result["ratio_best"] >= 0.95
+    io.write_json(args.out, result)
+    print(f"best: bare {best_bare:.2f} img/s, pipeline {best_pipe:.2f} img/s, ratio {result['ratio_best']:.3f} "
+          f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

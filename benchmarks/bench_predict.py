@@ -1,0 +1,136 @@
+"""Benchmark: `klgrade predict` on one bilateral radiograph vs the bare model (target: <= 1.3x).
+
+Baseline = decoding the DICOM (klgrade's reader) + the bare model's forward pass on the two knee
+crops (a (2, 3, S, S) tensor, no grad). End to end = ``Grader.predict_file`` on the same file:
+read + locate both joints + crop + view + normalise + forward + softmax + result dicts. Both run in
+this process with the same torch threads, each timed as the median of ``--reps`` warm runs; the
+one-off process start (Python + torch import, model load) is reported apart.
+
+    .venv/bin/python benchmarks/bench_predict.py [--run RUN] [--reps 20] [--json out.json]
+
+Without --run a ResNet18 run dir (random weights, same format and code path as a trained one) is
+made with `klgrade train --model resnet18 --weights none --epochs 1` on a tiny synthetic set: its
+speed is that of any ResNet18 run. The radiograph is a synthetic 2,560 x 2,000, 12-bit bilateral
+PA film (0.14 mm/px), the size of an OAI film.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _interleaved(fns: dict, reps: int) -> dict:
+    """Time each function ``reps`` times, interleaved (a, b, c, a, b, c, ...) so a busy machine
+    slows them alike; returns {name: (min, median)} in seconds."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: (min(v), statistics.median(v)) for k, v in times.items()}
+
+
+def make_run(root: Path) -> Path:
+    from klgrade.data.synthetic import write_png_dataset
+
+    data = write_png_dataset(root / "data", n_patients=20, seed=0, size=224, visits_per_patient=1, progress=False)
+    run = root / "resnet18"
+    subprocess.run([sys.executable, "-m", "klgrade.cli", "train", "--data", str(data), "--model", "resnet18",
+                    "--weights", "none", "--img-size", "224", "--epochs", "1", "--batch-size", "8",
+                    "--out", str(run)], check=True, capture_output=True)
+    return run
+
+
+def make_film(path: Path) -> Path:
+    from klgrade.data.synthetic import bilateral_dataset, render_bilateral, save_dataset, to_stored
+
+    img, _ = render_bilateral(2, 3, np.random.default_rng(0), spacing_mm=0.14, shape=(2000, 2560))
+    save_dataset(bilateral_dataset(to_stored(img), 0.14), path)
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", help="an existing ResNet18 run dir (default: make one)")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args()
+
+    from klgrade.clinic import Grader, knees_from_file
+    from klgrade.data.dicom import read_radiograph
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        run = Path(args.run) if args.run else make_run(tmp)
+        film = make_film(tmp / "bilateral.dcm")
+        t0 = time.perf_counter()
+        grader = Grader.from_run(run, device="cpu", tta="none")
+        load_s = time.perf_counter() - t0
+        _, knees = knees_from_file(film, grader.img_size)
+        x = torch.from_numpy(np.stack([k.view for k in knees])).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
+        x = x.contiguous()
+        x4 = torch.cat([x, x.flip(3)])
+
+        def bare(inp):
+            with torch.no_grad():
+                grader.model(inp)
+
+        def predict_flip():
+            grader.tta = "flip"
+            grader.predict_file(film)
+            grader.tta = "none"
+
+        t = _interleaved({"decode": lambda: read_radiograph(film), "fwd2": lambda: bare(x),
+                          "fwd4": lambda: bare(x4), "e2e": lambda: grader.predict_file(film),
+                          "e2e_flip": predict_flip}, args.reps)
+        cam = _interleaved({"e2e_cam": lambda: grader.predict_file(film, heatmaps=True)}, max(3, args.reps // 4))
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "klgrade.cli", "predict", str(film), "--run", str(run),
+                        "--tta", "none", "--json"], check=True, capture_output=True)
+        cli_s = time.perf_counter() - t0
+
+    def row(label, key):
+        print(f"  {label:<26}{t[key][0] * 1e3:8.1f} ms {t[key][1] * 1e3:8.1f} ms")
+
+    base_min, base_med = t["decode"][0] + t["fwd2"][0], t["decode"][1] + t["fwd2"][1]
+    res = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
+                   f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}",
+        "model": grader.description, "img_size": grader.img_size, "film": "2560x2000 12-bit DICOM, 0.14 mm/px",
+        "reps": args.reps, "times_min_median_s": t, "baseline_s": [base_min, base_med],
+        "ratio_min": t["e2e"][0] / base_min, "ratio_median": t["e2e"][1] / base_med,
+        "ratio_flip_tta_min": t["e2e_flip"][0] / (t["decode"][0] + t["fwd4"][0]),
+        "predict_with_heatmaps_s": cam["e2e_cam"], "model_load_s": load_s, "cli_process_s": cli_s,
+    }
+    print(f"{res['model']} @ {res['img_size']} px on {res['machine']}")
+    print(f"  {'':<26}{'min':>11} {'median':>11}")
+    row("decode DICOM", "decode")
+    row("bare forward, 2 crops", "fwd2")
+    print(f"  {'baseline (sum)':<26}{base_min * 1e3:8.1f} ms {base_med * 1e3:8.1f} ms")
+    row("predict end to end", "e2e")
+    print(f"  ratio {res['ratio_min']:.2f} (min) / {res['ratio_median']:.2f} (median)   target <= 1.3")
+    row("bare forward, 4 crops", "fwd4")
+    row("predict, flip TTA", "e2e_flip")
+    print(f"  flip TTA ratio vs decode + 4-crop forward: {res['ratio_flip_tta_min']:.2f} (min)")
+    print(f"  with Grad-CAM heatmaps    {cam['e2e_cam'][0] * 1e3:8.1f} ms (min)")
+    print(f"  model load (once) {load_s * 1e3:.0f} ms;  whole `klgrade predict` process {cli_s:.1f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Does the input pipeline starve the model? Training and evaluation images/s through the real
+pipeline (decode-once memmap cache -> batch slice -> device -> augment -> normalise) vs the same
+model, optimizer and step on random tensors of the same shape, same threads.
+
+    .venv/bin/python benchmarks/bench_train_throughput.py                      # kneeKL224, resnet18, 224 px
+    .venv/bin/python benchmarks/bench_train_throughput.py --device cuda --batch-size 128 --steps 40
+
+Rounds alternate real/random so a noisy shared machine hurts both sides alike; the ratio is the
+median over rounds. Writes benchmarks/results/train_throughput_<device>_<model>_<size>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+KNEEKL224 = HERE.parents[1] / "shared" / "data" / "kneeKL224"
+
+
+def ensure_dataset(data: str | None, work: Path) -> str:
+    """A dataset dir: the one given, or kneeKL224 ingested with `klgrade prepare folders`."""
+    if data:
+        return data
+    out = work / "kneeKL224"
+    if not (out / "manifest.csv").is_file():
+        from klgrade.cli import main
+
+        if main(["prepare", "folders", str(KNEEKL224), "--out", str(out)]) != 0:
+            sys.exit(f"could not ingest {KNEEKL224}")
+    return str(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="dataset dir (default: kneeKL224 via prepare folders)")
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "klgrade_bench"))
+    ap.add_argument("--out", help="result json (default benchmarks/results/...)")
+    args = ap.parse_args()
+
+    import torch
+
+    from klgrade.config import TrainConfig
+    from klgrade.data.dataset import views_to_tensor
+    from klgrade.train.inference import forward_probs
+    from klgrade.train.loop import Trainer
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    data = ensure_dataset(args.data, work)
+    cfg = TrainConfig(data=data, model=args.model, weights="none", img_size=args.img_size,
+                      batch_size=args.batch_size, eval_batch_size=args.batch_size, device=args.device,
+                      workers=args.workers, epochs=1000)
+    tr = Trainer(cfg, tempfile.mkdtemp(dir=work))  # builds the cache once (untimed) and the loaders
+    dev, b, s = tr.device, args.batch_size, args.img_size
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    xr = torch.randn(b, 3, s, s, device=dev)
+    if tr.channels_last:
+        xr = xr.contiguous(memory_format=torch.channels_last)
+    yr = torch.randint(0, 5, (b,), device=dev)
+    epoch = [0]
+
+    def real_train() -> float:
+        # The loop's own epoch code, run for `steps` batches (over several epochs on a small set).
+        sync()
+        t = time.perf_counter()
+        left = args.steps
+        while left > 0:
+            n = min(left, len(tr.train_loader))
+            tr.train_epoch(epoch[0], max_steps=n)
+            epoch[0] += 1
+            left -= n
+        sync()
+        return args.steps * b / (time.perf_counter() - t)
+
+    def random_train() -> float:
+        tr.model.train()
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            tr.train_step(xr, yr)
+        sync()
+        return args.steps * b / (time.perf_counter() - t)
+
+    model = tr.model.module if hasattr(tr.model, "module") else tr.model
+    # every cached image, in order, as evaluation would read them
+    from klgrade.data.dataset import ViewBatches, make_loader
+
+    loader = make_loader(ViewBatches(tr.data.views, range(len(tr.data.df))), b, shuffle=False,
+                         workers=args.workers, pin_memory=dev.type == "cuda")
+
+    def batches():
+        while True:
+            yield from loader
+
+    def real_eval() -> float:
+        model.eval()
+        n, it = 0, batches()
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            views, _, _ = next(it)
+            x = views_to_tensor(views, tr.built.mean, tr.built.std, dev, tr.channels_last)
+            forward_probs(model, x, "none", tr.amp_dtype).cpu()
+            n += len(views)
+        sync()
+        return n / (time.perf_counter() - t)
+
+    def random_eval() -> float:
+        model.eval()
+        sync()
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            forward_probs(model, xr, "none", tr.amp_dtype).cpu()
+        sync()
+        return args.steps * b / (time.perf_counter() - t)
+
+    # warm-up (allocator, cudnn autotune, page cache) not timed
+    real_train(), random_train(), real_eval(), random_eval()
+    res = {k: [] for k in ("train_real", "train_random", "eval_real", "eval_random")}
+    for _ in range(args.rounds):
+        res["train_real"].append(real_train())
+        res["train_random"].append(random_train())
+        res["eval_real"].append(real_eval())
+        res["eval_random"].append(random_eval())
+    med = {k: statistics.median(v) for k, v in res.items()}
+    out = {
+        "model": args.model, "img_size": s, "batch_size": b, "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else os.uname().machine,
+        "threads": torch.get_num_threads(), "workers": args.workers, "steps_per_round": args.steps,
+        "rounds": args.rounds, "amp_dtype": str(tr.amp_dtype), "channels_last": tr.channels_last,
+        "images_per_s": {k: round(v, 2) for k, v in med.items()},
+        "train_ratio": round(med["train_real"] / med["train_random"], 3),
+        "eval_ratio": round(med["eval_real"] / med["eval_random"], 3),
+        "per_round": {k: [round(x, 2) for x in v] for k, v in res.items()},
+        "data": data, "n_train_images": int(len(tr.data.rows["train"])),
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    path = Path(args.out) if args.out else HERE / "results" / f"train_throughput_{dev.type}_{args.model}_{s}.json"
+    from klgrade import io
+
+    io.write_json(path, out)
+    print(json.dumps({k: out[k] for k in ("images_per_s", "train_ratio", "eval_ratio")}, indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""klgrade.data.roi: classical knee-joint localisation and the square crop."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from klgrade.data import roi
+from klgrade.data.synthetic import render_bilateral, render_knee
+
+SHAPE = (800, 1000)  # small films keep the test fast; spacing scales so the legs fit
+
+
+@pytest.fixture(scope="module")
+def films():
+    """Two dozen bilateral films across grades, exposure, noise, gamma and pixel spacing."""
+    rng = np.random.default_rng(2024)
+    out = []
+    for i in range(24):
+        sp = 360.0 / SHAPE[1] * rng.uniform(0.85, 1.15)
+        img, truth = render_bilateral(i % 5, int(rng.integers(5)), rng, spacing_mm=sp, shape=SHAPE,
+                                      exposure=rng.uniform(0.4, 1.3), noise=rng.uniform(0.005, 0.03))
+        if i % 3 == 0:
+            img = img * rng.uniform(0.2, 0.6)  # under-exposed, low contrast
+        out.append((img, truth, sp))
+    return out
+
+
+def test_bilateral_localisation_within_5mm(films):
+    errors, wrong_but_ok = [], 0
+    for img, truth, sp in films:
+        locs = roi.locate_bilateral(img, sp)
+        for side in "RL":
+            loc = locs[side]
+            err = np.hypot(loc.x - truth[side][0], loc.y - truth[side][1]) * sp
+            errors.append(err if loc.ok else np.inf)
+            wrong_but_ok += loc.ok and err > 10
+    errors = np.array(errors)
+    assert wrong_but_ok == 0  # never a confident gross error
+    assert np.mean(errors <= 5.0) >= 0.98, np.sort(errors)[-5:]
+    assert np.median(errors) < 2.0
+
+
+def test_monochrome1_handled_by_the_reader_not_roi(films):
+    # roi expects bone bright; an inverted film (what MONOCHROME1 stores) must not be located
+    img, truth, sp = films[1]
+    locs = roi.locate_bilateral(1.0 - img, sp)
+    good = roi.locate_bilateral(img, sp)
+    assert all(good[s].ok for s in "RL")
+    for s in "RL":
+        err = np.hypot(locs[s].x - truth[s][0], locs[s].y - truth[s][1]) * sp
+        assert not locs[s].ok or err <= 5.0
+
+
+def test_not_a_knee_is_reported_not_guessed():
+    rng = np.random.default_rng(1)
+    noise = rng.random(SHAPE).astype(np.float32)
+    flat = np.full(SHAPE, 0.4, np.float32) + 0.01 * rng.standard_normal(SHAPE).astype(np.float32)
+    for img in (noise, flat):
+        locs = roi.locate_bilateral(img, 0.36)
+        assert not locs["R"].ok and not locs["L"].ok
+        assert locs["R"].reason
+    # one leg only: the empty side is reported, the other still found
+    img, truth = render_bilateral(2, 2, rng, spacing_mm=0.36, shape=SHAPE)
+    img[:, : SHAPE[1] // 2] = 0.05 + 0.01 * rng.standard_normal((SHAPE[0], SHAPE[1] // 2))
+    locs = roi.locate_bilateral(img, 0.36)
+    assert not locs["R"].ok and locs["L"].ok
+    assert np.hypot(locs["L"].x - truth["L"][0], locs["L"].y - truth["L"][1]) * 0.36 <= 5.0
+
+
+def test_unilateral_any_framing_with_and_without_spacing():
+    rng = np.random.default_rng(7)
+    for _ in range(8):
+        size = int(rng.integers(220, 420))
+        fov = float(rng.uniform(130, 200))
+        img, (cx, cy) = render_knee(int(rng.integers(5)), rng, size_px=size, fov_mm=fov, jitter_mm=12)
+        sp = fov / size
+        known = roi.locate_joint(img, sp)
+        assert known.ok and np.hypot(known.x - cx, known.y - cy) * sp <= 5.0
+        blind = roi.locate_joint(img, None)  # no spacing: scale searched, then estimated
+        assert blind.ok and blind.spacing_estimated
+        assert np.hypot(blind.x - cx, blind.y - cy) * sp <= 6.0
+        assert 0.7 < blind.spacing_mm / sp < 1.4
+
+
+def test_crop_square_geometry_flip_and_padding():
+    img = np.zeros((300, 400), np.float32)
+    img[148:153, 98:103] = 1.0  # a 5x5 dot centred at (x=100, y=150)
+    img[150, 130] = 1.0  # a marker 30 px to the right
+    crop = roi.crop_square(img, (100, 150), fov_mm=20.0, spacing_mm=0.2, out_px=50)  # 100 px → 50
+    assert crop.shape == (50, 50) and crop.dtype == np.float32
+    yy, xx = np.unravel_index(np.argmax(crop), crop.shape)
+    assert abs(yy - 24.5) <= 1 and abs(xx - 24.5) <= 1
+    assert crop[24:26, 38:41].max() > 0  # the marker, 30 px → 15 px right of centre
+    flipped = roi.crop_square(img, (100, 150), 20.0, 0.2, 50, flip=True)
+    np.testing.assert_array_equal(flipped, crop[:, ::-1])
+    assert flipped[24:26, 9:12].max() > 0  # the marker is now on the left
+    # a crop reaching past the image edge is filled, not shifted
+    edge = roi.crop_square(img + 0.5, (0, 0), 20.0, 0.2, 50, fill=0.0)
+    assert edge[:20, :20].max() == 0.0 and edge[30:, 30:].min() > 0.4
+    # non-square pixels: (row, col) spacing gives a square field of view in mm
+    tall = roi.crop_square(img, (100, 150), 20.0, (0.1, 0.2), 50)
+    yy, xx = np.unravel_index(np.argmax(tall), tall.shape)
+    assert abs(yy - 24.5) <= 1 and abs(xx - 24.5) <= 1
+
+
+def test_to_uint16_uses_full_range():
+    rng = np.random.default_rng(0)
+    crop = rng.random((64, 64)).astype(np.float32) * 0.2 + 0.3
+    out = roi.to_uint16(crop)
+    assert out.dtype == np.uint16 and out.min() == 0 and out.max() == 65535
+    assert not roi.to_uint16(np.zeros((8, 8), np.float32)).any()
