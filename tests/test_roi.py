@@ -59,6 +59,8 @@ def test_not_a_knee_is_reported_not_guessed():
         locs = roi.locate_bilateral(img, 0.36)
         assert not locs["R"].ok and not locs["L"].ok
         assert locs["R"].reason
+        with pytest.raises(roi.LocalisationError, match="film.png: knee joint not located"):
+            locs["R"].require("film.png")
     # one leg only: the empty side is reported, the other still found
     img, truth = render_bilateral(2, 2, rng, spacing_mm=0.36, shape=SHAPE)
     img[:, : SHAPE[1] // 2] = 0.05 + 0.01 * rng.standard_normal((SHAPE[0], SHAPE[1] // 2))

@@ -14,8 +14,14 @@ import pytest
 import torch
 
 from klgrade import io
-from klgrade.config import (AugmentConfig, ConfigError, TrainConfig, apply_overrides, load_train_config,
-                            save_config)
+from klgrade.config import (
+    AugmentConfig,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    load_train_config,
+    save_config,
+)
 from klgrade.models.registry import WeightsError
 
 # Settings that learn the synthetic grades in seconds with test_resnet (augmentation off: at 64 px
@@ -240,13 +246,13 @@ def test_resume_after_sigkill_equals_uninterrupted(synth_png, tmp_path):
     """Kill a CPU run with SIGKILL after epoch 1's last.pt, resume it: same weights and metrics."""
     from klgrade.train.loop import train
 
-    args = dict(img_size=32, epochs=4, batch_size=16, augment=True)
+    args = dict(img_size=32, epochs=3, batch_size=16, augment=True)
     train(_cfg(synth_png, **args), tmp_path / "full")
 
     run = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     flags = ["train", "--data", str(synth_png), "--model", "test_resnet", "--weights", "none",
-             "--img-size", "32", "--epochs", "4", "--batch-size", "16", "--lr", "3e-3", "--tta", "none",
+             "--img-size", "32", "--epochs", "3", "--batch-size", "16", "--lr", "3e-3", "--tta", "none",
              "--out", str(run)]
     proc = subprocess.Popen(_cli(*flags), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -258,7 +264,7 @@ def test_resume_after_sigkill_equals_uninterrupted(synth_png, tmp_path):
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     assert not (run / "metrics_val.json").exists()  # it really died mid-training
-    assert torch.load(run / "last.pt", weights_only=True)["epoch"] < 4
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] < 3
     subprocess.run(_cli("train", "--resume", str(run)), env=env, check=True, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
 

@@ -90,16 +90,16 @@ class Grader:
             raise RunError(f"{run_dir}: not a klgrade run (a run is a directory with config.yaml and checkpoint.pt)")
         cfg = read_config(run_dir)
         kind = str(cfg.get("kind", "cnn"))
+        tta_run = str(cfg.get("tta", "none") or "none")
+        tta = tta or tta_run
+        if tta not in ("none", "flip"):
+            raise RunError(f"tta must be none or flip, got {tta!r}")
         if kind == "cnn":
             parts = _load_cnn(run_dir, device)
         elif kind == "head":
             parts = _load_head(run_dir, device)
         else:
             raise RunError(f"{run_dir / 'config.yaml'}: unknown run kind {kind!r} (expected cnn or head)")
-        tta_run = str(cfg.get("tta", "none") or "none")
-        tta = tta or tta_run
-        if tta not in ("none", "flip"):
-            raise RunError(f"tta must be none or flip, got {tta!r}")
         g = cls(run_dir=run_dir, kind=kind, name=run_name(run_dir), tta=tta, tta_run=tta_run, **parts)
         if not g.explain_unavailable:
             try:

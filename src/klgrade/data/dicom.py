@@ -100,7 +100,8 @@ def radiograph_from_dataset(ds, path: str | Path = "<dataset>", keep_values: boo
     if arr.ndim != 2:
         raise DicomError(path, f"expected one 2-D grayscale frame, decoded array has shape {arr.shape}")
     values = modality_lut(arr, ds)
-    pixels, meta["voi"] = voi_to_unit(values, ds)
+    # work in place unless the caller wants the modality values too (saves a 20 MB copy)
+    pixels, meta["voi"] = voi_to_unit(values if not keep_values else values.copy(), ds, inplace=True)
     if meta["photometric"] == "MONOCHROME1":
         # MONOCHROME1: low values are white; flip so bone is bright in every image we hand on.
         np.subtract(1.0, pixels, out=pixels)
@@ -183,45 +184,47 @@ def _first(value) -> float:
         return float(value)
 
 
-def voi_to_unit(values: np.ndarray, ds) -> tuple[np.ndarray, str]:
+def voi_to_unit(values: np.ndarray, ds, inplace: bool = False) -> tuple[np.ndarray, str]:
     """Apply the VOI transform and return (float32 in [0, 1], which transform was used).
 
     Window Center/Width follows PS3.3 C.11.2.1.2 (LINEAR, LINEAR_EXACT, SIGMOID) with the output
     range taken as [0, 1] directly. A VOI LUT Sequence goes through pydicom. Without either, the
     image's own value range is stretched to [0, 1] (what a viewer does without a VOI).
+    ``inplace`` lets it overwrite a float32 ``values`` instead of allocating (5 Mpx: ~3x faster).
     """
     if ds.get("VOILUTSequence"):
         from pydicom.pixels import apply_voi
 
-        out = np.asarray(apply_voi(values, ds), dtype=np.float32)
+        lut = np.asarray(apply_voi(values, ds), dtype=np.float32)
         bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        return np.clip(out / float(2**bits - 1), 0.0, 1.0, out=out), "lut"
+        return np.clip(lut / float(2**bits - 1), 0.0, 1.0), "lut"
+    out = values if inplace and values.dtype == np.float32 else values.astype(np.float32)
     wc, ww = ds.get("WindowCenter"), ds.get("WindowWidth")
     if wc is not None and ww is not None:
         centre, width = _first(wc), _first(ww)
         func = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
         if func == "SIGMOID" and width > 0:
-            out = values - np.float32(centre)
+            out -= np.float32(centre)
             out *= np.float32(-4.0 / width)
             np.exp(out, out=out)
             out += 1.0
-            np.reciprocal(out, out=out)
-            return out, "window"
+            return np.reciprocal(out, out=out), "window"
         if func == "LINEAR_EXACT" and width > 0:
-            return _linear(values, centre, width), "window"
+            return _linear(out, centre, width), "window"
         if func in ("LINEAR", "") and width >= 1:
             # LINEAR: centre - 0.5 and width - 1 (PS3.3 C.11.2.1.2.1); a width of 1 is a threshold.
-            return _linear(values, centre - 0.5, max(width - 1.0, 1e-3)), "window"
+            return _linear(out, centre - 0.5, max(width - 1.0, 1e-3)), "window"
         log.debug("ignoring invalid window (function %s, width %s)", func, width)
-    lo, hi = float(values.min()), float(values.max())
-    out = values - np.float32(lo)
+    lo, hi = float(out.min()), float(out.max())
+    out -= np.float32(lo)
     if hi > lo:
         out *= np.float32(1.0 / (hi - lo))
-    return out, "range"
+    return np.clip(out, 0.0, 1.0, out=out), "range"
 
 
-def _linear(values: np.ndarray, centre: float, width: float) -> np.ndarray:
-    out = values - np.float32(centre - width / 2.0)
+def _linear(out: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """In place: (x - (centre - width/2)) / width, clipped to [0, 1]."""
+    out -= np.float32(centre - width / 2.0)
     out *= np.float32(1.0 / width)
     return np.clip(out, 0.0, 1.0, out=out)
 

@@ -375,13 +375,14 @@ def crop_relpath(patient_id: str, visit: int, side: str) -> str:
 
 
 def write_png16(path: Path, arr: np.ndarray) -> None:
-    """Atomic 16-bit grayscale PNG (zlib level 3: ~2x faster than the default, files ~5% larger)."""
+    """Atomic 16-bit grayscale PNG. zlib level 1: the PNG write is the costliest step of a film, and
+    noisy 16-bit radiographs shrink little more at higher levels (~3% at the default 6)."""
     from PIL import Image
 
     from klgrade import io
 
     with io.atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint16)).save(tmp, format="PNG", compress_level=3)
+        Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint16)).save(tmp, format="PNG", compress_level=1)
 
 
 def process_series(task: dict) -> dict:

@@ -3,18 +3,20 @@
 The method is classical and relies on what every PA knee radiograph shows (bone bright):
 
 1. Work on a block-averaged copy at about ``WORK_MM`` mm/px, contrast-normalised by percentiles,
-   so exposure, bit depth and detector size do not matter and a 5-Mpx film costs a few ms.
+   so exposure, bit depth and detector size do not matter and a 5-Mpx film costs ~20 ms.
 2. Bilateral films: the two legs are the bright humps of the column profile; the darkest column
    between them splits the film (image left = patient's right knee).
 3. The joint space is a thin dark horizontal gap with bright bone above (femoral condyles) and
-   below (tibial plateau). A vertical second-derivative-of-Gaussian responds to thin dark
-   horizontal lines; it is weighted by how bright the bone on *both* sides of the line is and
-   averaged over ~30 mm of width, so skin folds, soft tissue and short lines score low. The best
-   row is the joint line; the horizontal extent of the gap response on it gives the joint's
-   centre (its midpoint) and width (medial to lateral margin).
-4. Confidence combines the gap's depth, how much the best line beats the next best one, and
-   whether its width is that of a knee; below ``MIN_CONFIDENCE`` the knee is reported as not
-   located instead of guessed.
+   below (tibial plateau). Vertical second-derivative-of-Gaussian filters (two scales: narrow and
+   wide gaps) respond to thin dark horizontal lines; the response is weighted by how bright the
+   bone on *both* sides of the line is and averaged over ~30 mm of width, so skin folds, soft
+   tissue and short lines score low. The best row is the joint line. The line is followed medially
+   and laterally (within +-8 mm of that row, bridging the tibial spines); the joint centre is the
+   mean of the line's midpoint and the midpoint of the femoral condyles' outer margins just above
+   it (the bicondylar width, which joint-space narrowing and osteophytes barely move).
+4. Confidence combines the gap's depth, how much the best line beats the next best one, how
+   unbroken it is, whether there is bone on both sides, and whether its width is that of a knee;
+   below ``MIN_CONFIDENCE`` the knee is reported as not located instead of guessed.
 
 ``locate_joint`` works on one knee of any framing (spacing optional), ``locate_bilateral`` on a
 bilateral film, ``crop_square`` cuts a square of fixed field of view in mm around a point.
@@ -41,7 +43,7 @@ UNKNOWN_FOV_MM = (110.0, 160.0, 230.0, 330.0)
 
 
 class LocalisationError(ValueError):
-    """A knee joint that could not be located with confidence."""
+    """A knee joint that could not be located with confidence (see ``JointLocation.require``)."""
 
 
 @dataclass
@@ -64,6 +66,12 @@ class JointLocation:
     gap_depth: float = 0.0
     dominance: float = 0.0
     reason: str = ""
+
+    def require(self, where: str = "image") -> JointLocation:
+        """Return self, or raise LocalisationError naming ``where`` and the reason."""
+        if not self.ok:
+            raise LocalisationError(f"{where}: knee joint not located ({self.reason})")
+        return self
 
     def as_dict(self, prefix: str = "") -> dict:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
@@ -121,7 +129,7 @@ def _gap_evidence(g: np.ndarray, my: float, mx: float) -> tuple[np.ndarray, np.n
     return valley, flank
 
 
-def _locate_work(g: np.ndarray, my: float, mx: float, x_range: tuple[int, int] | None = None):
+def _locate_work(g: np.ndarray, my: float, mx: float) -> dict:
     """Locate the joint on a normalised work image; returns a dict in work coordinates."""
     h, w = g.shape
     g = ndimage.gaussian_filter(g, 0.6, mode="nearest")
@@ -138,9 +146,6 @@ def _locate_work(g: np.ndarray, my: float, mx: float, x_range: tuple[int, int] |
     margin_y = max(2, int(round(FLANK_NEAR_MM / my)) + 1)
     smooth[:margin_y] = 0
     smooth[h - margin_y:] = 0
-    if x_range is not None:
-        smooth[:, : x_range[0]] = 0
-        smooth[:, x_range[1]:] = 0
     iy, ix = np.unravel_index(int(np.argmax(smooth)), smooth.shape)
     peak = float(smooth[iy, ix])
     if peak <= 0:
@@ -192,9 +197,8 @@ def _locate_work(g: np.ndarray, my: float, mx: float, x_range: tuple[int, int] |
     flank_bone = float(np.median(flank_w[rows, run[0]: run[-1] + 1].max(axis=0)))
     conf = (float(np.clip((dom - 0.5) / 0.35, 0, 1)) * float(np.clip(gap_depth / 0.15, 0, 1))
             * float(np.clip((coverage - 0.3) / 0.4, 0, 1)) * float(np.clip(flank_bone / 0.6, 0, 1)))
-    return {"x": cx, "y": cy, "conf": conf, "width": width, "depth": gap_depth, "dom": dom, "reason": "", "coverage": coverage,
-            "flank": flank_bone,
-            "x0": x0, "x1": x1}
+    return {"x": cx, "y": cy, "conf": conf, "width": width, "depth": gap_depth, "dom": dom,
+            "coverage": coverage, "flank": flank_bone, "x0": x0, "x1": x1, "reason": ""}
 
 
 def _femoral_margins(g: np.ndarray, iy: int, x0: float, x1: float, my: float,

@@ -283,13 +283,13 @@ class SiteShiftAugment:
             return x
         amp = (self._u(n, 0, c.texture, g) * on).view(n, 1, 1, 1)
         # a smooth detector gain field and faint anti-scatter grid lines
-        field = torch.randn(n, 1, 4, 4, generator=g)
+        # drawn small on the CPU (seeded), expanded on x's device: full-size work stays on the GPU
+        field = torch.randn(n, 1, 4, 4, generator=g).to(x.device, x.dtype)
         field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=False)
-        period = self._u(n, 2.2, 5.0, g).view(n, 1, 1, 1)
-        cols = torch.arange(w, dtype=torch.float32).view(1, 1, 1, w)
+        period = self._u(n, 2.2, 5.0, g).view(n, 1, 1, 1).to(x.device, x.dtype)
+        cols = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
         lines = torch.sin(2 * math.pi * cols / period)
-        gain = 1 + amp * (0.5 * field + 0.25 * lines)
-        return x * gain.to(x.device, x.dtype)
+        return x * (1 + amp.to(x.device, x.dtype) * (0.5 * field + 0.25 * lines))
 
     def noise(self, x, g):
         import torch
@@ -299,5 +299,7 @@ class SiteShiftAugment:
         if not on.any():
             return x
         sig = (self._u(n, 0, c.noise, g) * on).view(n, 1, 1, 1).to(x.device, x.dtype)
-        eps = torch.randn(x.shape, generator=g).to(x.device, x.dtype)
+        # a device generator seeded from the CPU one: reproducible, and no full-size CPU->GPU copy
+        dev_gen = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
+        eps = torch.randn(x.shape, generator=dev_gen, device=x.device, dtype=x.dtype)
         return x + sig * torch.sqrt(0.25 + x.clamp(0, 1)) * eps

@@ -369,7 +369,7 @@ def _knee_attenuation(xv: np.ndarray, yv: np.ndarray, klg: int, anat: dict, rng:
     if win is not None:
         rs, cs = win
         xt_, yt_ = xt[rs, cs], yt[rs, cs]
-        fx, fy = -36.0 + anat["fibula_dx_mm"], 26.0 + anat["fibula_dy_mm"]  # apex ~1.5 cm below the plateau
+        fx, fy = -34.0 + anat["fibula_dx_mm"], 26.0 + anat["fibula_dy_mm"]  # apex ~1.5 cm below the plateau
         d_head = _ellipse_in(xt_, yt_, fx, fy, 9.5, 11.5, 0.35)
         half = 4.6 + 2.5 * np.exp(-np.clip(yt_ - fy, 0, None) * (1 / 25.0))  # neck tapers to the shaft
         d_shaft = np.minimum(half - np.abs(xt_ - (fx + 1.0 - 0.06 * (yt_ - fy))), yt_ - fy)
@@ -431,7 +431,11 @@ def render_knee(
     """One unilateral knee in canonical orientation (right knee: lateral/fibula on the image left).
 
     The square image spans ``fov_mm`` (140 mm by default, i.e. ``spacing_mm = fov_mm / size_px``)
-    around the joint centre, displaced by up to ``jitter_mm`` like an imperfect crop.
+    around the joint centre, displaced by up to ``jitter_mm`` like an imperfect crop; a given
+    ``spacing_mm`` overrides ``fov_mm``. ``anatomy``: a :func:`random_anatomy` dict (or the
+    ``ANATOMY_KEYS`` of a :func:`make_cohort` row); random when None. ``exposure``/``noise`` fix
+    those image parameters; the random stream is consumed the same way whatever the grade or these
+    arguments, so one knee drawn with the same seed at two grades differs only by its findings.
     Returns (float32 image in [0, 1], joint centre (x, y) in px).
     """
     if spacing_mm is None:
