@@ -223,3 +223,14 @@ def test_fine_films_are_reduced_before_cropping_without_changing_the_view():
         centre_small = (np.array(i_small.centre) + 0.5) * f - 0.5
         assert np.hypot(*(centre_small - np.array(i_full.centre))) * 0.14 < 1.5  # mm
         assert np.abs(v_full.astype(float) - v_small).mean() < 8  # gray levels of 255
+
+
+def test_head_run_exports_to_onnx_with_parity(head_store, tmp_path):
+    from klgrade.export import export_run
+    from klgrade.models.heads import HeadConfig, fit_head
+
+    root, data = head_store
+    fit_head(root / "store", data, root / "run_export", HeadConfig(head="mlp", epochs=2), overwrite=True)
+    meta = export_run(root / "run_export", "onnx", tmp_path / "head.onnx")
+    assert meta["run_kind"] == "head" and meta["input"]["shape"] == ["batch", 3, 160, 160]
+    assert meta["parity"]["max_abs_diff"] < 1e-4

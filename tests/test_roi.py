@@ -40,6 +40,22 @@ def test_bilateral_localisation_within_5mm(films):
     assert np.median(errors) < 2.0
 
 
+def test_collimation_borders_and_markers(films):
+    """Unexposed collimation borders (white in MONOCHROME2) and lead markers do not pass for bone."""
+    rng = np.random.default_rng(3)
+    for img, truth, sp in films[:8]:
+        img = img.copy()
+        t, b, left, right = (int(v) for v in rng.integers(15, 60, size=4))
+        img[:t] = img[-b:] = 0.97
+        img[:, :left] = img[:, -right:] = 0.97
+        y, x = int(rng.integers(80, 200)), int(rng.integers(100, 850))
+        img[y: y + 40, x: x + 30] = 1.0  # an "R" marker
+        locs = roi.locate_bilateral(img, sp)
+        for side in "RL":
+            assert locs[side].ok, locs[side].reason
+            assert np.hypot(locs[side].x - truth[side][0], locs[side].y - truth[side][1]) * sp <= 5.0
+
+
 def test_monochrome1_handled_by_the_reader_not_roi(films):
     # roi expects bone bright; an inverted film (what MONOCHROME1 stores) must not be located
     img, truth, sp = films[1]

@@ -19,6 +19,7 @@ the CNN itself, or an embedding head's frozen backbone followed by the head. Gra
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -269,13 +270,19 @@ def knees_from_file(path: str | Path, img_size: int, display: str | None = None)
         raise ClinicError(_rename(str(e), path, name)) from e
     except (OSError, ValueError) as e:
         raise ClinicError(f"{name}: cannot read ({type(e).__name__}: {_rename(str(e), path, name)})") from e
-    img, spacing, factor = reduce_for_view(img, spacing, img_size)
-    if is_bilateral(img):
-        return "bilateral", [_knee(img, spacing, side, img_size, True, factor) for side in ("R", "L")]
-    side = laterality if laterality in ("R", "L") else "U"
-    if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
-        img = np.ascontiguousarray(img[:, ::-1])
-    return "unilateral", [_knee(img, spacing, side, img_size, False, factor)]
+    try:
+        img, spacing, factor = reduce_for_view(img, spacing, img_size)
+        if is_bilateral(img):
+            # The two knees' views are independent and mostly GIL-free (OpenCV, NumPy): make them
+            # in parallel, which takes their cost off the critical path on an idle machine.
+            return "bilateral", list(_view_pool().map(
+                lambda side: _knee(img, spacing, side, img_size, True, factor), ("R", "L")))
+        side = laterality if laterality in ("R", "L") else "U"
+        if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
+            img = np.ascontiguousarray(img[:, ::-1])
+        return "unilateral", [_knee(img, spacing, side, img_size, False, factor)]
+    except (ValueError, ArithmeticError) as e:  # degenerate images (e.g. flat, tiny) the view refuses
+        raise ClinicError(f"{name}: cannot make a knee view ({type(e).__name__}: {e})") from e
 
 
 def reduce_for_view(img: np.ndarray, spacing, img_size: int) -> tuple[np.ndarray, object, int]:
@@ -302,6 +309,20 @@ def reduce_for_view(img: np.ndarray, spacing, img_size: int) -> tuple[np.ndarray
     small = cv2.resize(np.ascontiguousarray(img[: h * factor, : w * factor], np.float32), (w, h),
                        interpolation=cv2.INTER_AREA)
     return small, (sy * factor, sx * factor), factor
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _view_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Two threads shared by all callers (one per knee); server threads queue on it rather than
+    each starting more threads than the machine has cores."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="klgrade-view")
+        return _POOL
 
 
 def _rename(msg: str, path: Path, name: str) -> str:

@@ -143,6 +143,9 @@ def _export_onnx(wrapped, example, check, tmp: Path, opset: int) -> tuple[np.nda
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=UserWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
+        # timm's shape assertions trace as constants; the parity check below (another batch size)
+        # is what proves the graph generalises.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(wrapped, (example,), str(tmp), dynamo=False, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
@@ -161,6 +164,7 @@ def _export_torchscript(wrapped, example, check, tmp: Path) -> tuple[np.ndarray,
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", category=DeprecationWarning)
         warnings.simplefilter("ignore", category=FutureWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(wrapped, (example,), check_trace=False)
         traced.save(str(tmp))
         loaded = torch.jit.load(str(tmp), map_location="cpu")

@@ -13,6 +13,7 @@ result, the log or an error message: ``meta`` holds only technical fields (see `
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,7 +72,8 @@ def read_dataset(path: str | Path, stop_before_pixels: bool = False):
         raise DicomError(path, f"not a DICOM file ({e})") from e
     except FileNotFoundError:
         raise
-    except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError) as e:
+    except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
+            struct.error) as e:
         # pydicom signals a file cut short with EOFError/struct errors deep in the parser.
         raise DicomError(path, f"truncated or corrupt DICOM ({type(e).__name__}: {e})") from e
 

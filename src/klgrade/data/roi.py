@@ -94,11 +94,34 @@ def block_reduce(img: np.ndarray, fy: int, fx: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F").reduce((fx, fy)))
 
 
+def _flat_margins(small: np.ndarray, rel: float = 0.02) -> tuple[int, int, int, int]:
+    """Rows/columns at the film's edges that are flat (unexposed collimation borders, white in
+    MONOCHROME2, or masked black): (top, bottom, left, right) counts. A flat band of bright pixels
+    would otherwise pass for bone and set the contrast scale."""
+    lo, hi = np.percentile(small[::2, ::2], (1, 99))
+    tol = rel * max(float(hi - lo), 1e-6)
+    rows, cols = small.std(axis=1) < tol, small.std(axis=0) < tol
+
+    def run(flags: np.ndarray) -> int:
+        nz = np.flatnonzero(~flags)
+        return int(nz[0]) if len(nz) else len(flags)
+
+    return run(rows), run(rows[::-1]), run(cols), run(cols[::-1])
+
+
 def _work_image(img: np.ndarray, sy: float, sx: float, work_mm: float):
     fy, fx = max(1, int(round(work_mm / sy))), max(1, int(round(work_mm / sx)))
     small = block_reduce(img, fy, fx)
-    lo, hi = np.percentile(small[:: 2, :: 2], (0.5, 99.5))
+    h, w = small.shape
+    t, b, left, r = _flat_margins(small)
+    trimmed = (t or b or left or r) and t + b < h - 4 and left + r < w - 4
+    inner = small[t: h - b, left: w - r] if trimmed else small
+    lo, hi = np.percentile(inner[:: 2, :: 2], (0.5, 99.5))
     small = np.clip((small - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
+    if trimmed:
+        # collimation borders become "air", which the joint search ignores
+        fill = float(np.percentile(small[t: h - b, left: w - r], 1))
+        small[:t], small[h - b:], small[:, :left], small[:, w - r:] = fill, fill, fill, fill
     return small, fy, fx, sy * fy, sx * fx
 
 
@@ -133,9 +156,12 @@ def _locate_work(g: np.ndarray, my: float, mx: float) -> dict:
     """Locate the joint on a normalised work image; returns a dict in work coordinates."""
     h, w = g.shape
     g = ndimage.gaussian_filter(g, 0.6, mode="nearest")
+    # Anything brighter than bone (lead markers, metal, frame beads) is clipped to the bone level,
+    # so its edges do not look like a gap under a bright flank.
+    g = np.minimum(g, np.float32(np.percentile(g[::2, ::2], 98)))
     valley, flank = _gap_evidence(g, my, mx)
     # Brightness levels: soft tissue ~ the median of the leg, bone ~ a high percentile.
-    inside = g[g > np.percentile(g, 20)]
+    inside = g[g >= np.percentile(g, 20)]
     soft, bone = float(np.median(inside)), float(np.percentile(g, 97))
     flank_w = np.clip((flank - soft) / max(bone - soft, 1e-3), 0.0, 1.0)
     depth = flank - g  # how much darker the line is than its weaker flank
