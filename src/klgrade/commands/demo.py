@@ -16,9 +16,11 @@ def register(sub) -> None:
     p.add_argument("--out", default="demo_out", help="folder for the data, runs and report (default demo_out)")
     p.add_argument("--weights", default="none", help="none (random init, default) or auto (pretrained "
                    "weights from the hub or its local cache)")
-    p.add_argument("--patients", type=int, default=160, help="synthetic patients (default 160)")
-    p.add_argument("--img-size", type=int, default=96, help="CNN input size in px (default 96)")
-    p.add_argument("--epochs", type=int, default=6, help="CNN epochs (default 6)")
+    p.add_argument("--embed-weights", default=None,
+                   help="weights of the embedding backbone if not --weights (e.g. a local hub-layout folder)")
+    p.add_argument("--patients", type=int, default=150, help="synthetic patients, one visit each (default 150)")
+    p.add_argument("--img-size", type=int, default=64, help="CNN input size in px (default 64)")
+    p.add_argument("--epochs", type=int, default=15, help="CNN epochs (default 15)")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap replicates for the CIs (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cnns", default="resnet18,convnext_tiny", help="CNNs to train (comma-separated)")
@@ -44,7 +46,7 @@ def run(args) -> int:
     seed = str(args.seed)
     _step("synthesize a cohort of knee radiographs (unilateral crops)",
           ["synth", "--patients", str(args.patients), "--out", str(data), "--format", "png",
-           "--size", str(max(args.img_size, 128)), "--seed", seed])
+           "--size", "128", "--visits-per-patient", "1", "--seed", seed])
     _step("patient-level, grade-stratified split", ["split", str(data), "--split", "0.6,0.15,0.25", "--seed", seed])
     run_dirs = []
     for model in [m for m in args.cnns.split(",") if m]:
@@ -55,7 +57,8 @@ def run(args) -> int:
         run_dirs.append(rd)
     store = out / "embeddings" / args.backbone
     _step(f"embed every knee with the frozen {args.backbone} image tower",
-          ["embed", "--data", str(data), "--backbone", args.backbone, "--out", str(store), "--weights", args.weights])
+          ["embed", "--data", str(data), "--backbone", args.backbone, "--out", str(store),
+           "--weights", args.embed_weights or args.weights])
     rd = runs / f"{args.backbone}_mlp"
     _step("fit the MLP head on the embeddings",
           ["fit-head", "--embeddings", str(store), "--data", str(data), "--head", "mlp", "--out", str(rd),
