@@ -97,7 +97,8 @@ def main() -> None:
             grader.predict_file(film)
             grader.tta = "none"
 
-        t = _interleaved({"decode": lambda: read_radiograph(film), "fwd2": lambda: bare(x),
+        t = _interleaved({"decode": lambda: read_radiograph(film),
+                          "views": lambda: knees_from_file(film, grader.img_size), "fwd2": lambda: bare(x),
                           "fwd4": lambda: bare(x4), "e2e": lambda: grader.predict_file(film),
                           "e2e_flip": predict_flip}, args.reps)
         cam = _interleaved({"e2e_cam": lambda: grader.predict_file(film, heatmaps=True)}, max(3, args.reps // 4))
@@ -126,6 +127,7 @@ def main() -> None:
     row("decode DICOM", "decode")
     row("bare forward, 2 crops", "fwd2")
     print(f"  {'baseline (sum)':<26}{base_min * 1e3:8.1f} ms {base_med * 1e3:8.1f} ms {base_cpu * 1e3:8.1f} ms")
+    row("decode + locate + views", "views")
     row("predict end to end", "e2e")
     print(f"  ratio {res['ratio_min']:.2f} (wall min) / {res['ratio_median']:.2f} (wall median) / "
           f"{res['ratio_cpu']:.2f} (CPU)   target <= 1.3")
