@@ -8,6 +8,7 @@ import pytest
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
+from dicom_util import jpeg_lossless
 from klgrade.data.dicom import DicomError, read_radiograph
 from klgrade.data.images import read_image
 from klgrade.data.synthetic import bilateral_dataset, save_dataset, to_stored
@@ -27,24 +28,6 @@ def _write(tmp_path, name, img=None, photometric="MONOCHROME2", **kw):
     ds = bilateral_dataset(stored, kw.pop("spacing", 0.15), photometric, rescale=rescale,
                            patient_name=FAKE_NAME, **kw)
     return save_dataset(ds, tmp_path / name), ds
-
-
-def jpeg_lossless(src, dst) -> None:
-    """Re-encode as JPEG lossless process 14 SV1 with python-gdcm (pydicom has no encoder)."""
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(src))
-    assert reader.Read()
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
-    change.SetInput(reader.GetImage())
-    assert change.Change()
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(dst))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    assert writer.Write()
 
 
 def test_monochrome1_is_inverted_and_rescale_applied(tmp_path):

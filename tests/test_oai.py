@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
+from dicom_util import jpeg_lossless
 from klgrade.cli import main
 from klgrade.data import oai
 from klgrade.data.manifest import read_manifest
@@ -88,23 +89,6 @@ def test_parse_codes_and_paths():
 # ----------------------------------------------------------------------------- the pipeline
 
 
-def _jpeg_lossless(path: Path) -> None:
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(path))
-    assert reader.Read()
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
-    change.SetInput(reader.GetImage())
-    assert change.Change()
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(path))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    assert writer.Write()
-
-
 def _rgb(path: Path) -> None:
     """Overwrite with an RGB secondary capture that claims to be the knee series."""
     ds = pydicom.dcmread(path)
@@ -129,7 +113,7 @@ def tree(tmp_path_factory):
     for kind, rel in variants.items():
         path = root / rel
         if kind == "jpeg_lossless":
-            _jpeg_lossless(path)
+            jpeg_lossless(path, path)
         elif kind in ("j2k", "rle"):
             ds = pydicom.dcmread(path)
             ds.compress(JPEG2000Lossless if kind == "j2k" else RLELossless)

@@ -79,3 +79,11 @@ def run_name(run_dir: str | Path) -> str:
         return read_config(run_dir).get("name") or Path(run_dir).name
     except RunError:
         return Path(run_dir).name
+
+
+def run_dataset(run_dir: str | Path, data: str | Path | None = None) -> str:
+    """The dataset to evaluate a run on: ``data`` if given, else the one it was trained on."""
+    chosen = data or read_config(run_dir).get("data")
+    if not chosen:
+        raise RunError(f"{run_dir}: its config names no dataset; pass --data DIR")
+    return str(chosen)

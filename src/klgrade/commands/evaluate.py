@@ -31,12 +31,10 @@ def run(args) -> int:
     from pathlib import Path
 
     from klgrade.cli import UserError
-    from klgrade.runs import read_config
+    from klgrade.runs import read_config, run_dataset
 
     cfg = read_config(args.run)
-    data = args.data or cfg.get("data")
-    if not data:
-        raise UserError(f"{args.run}: its config names no dataset; pass --data DIR")
+    data = run_dataset(args.run, args.data)
     out = Path(args.out) if args.out else Path(args.run)
     kind = cfg.get("kind", "cnn")
     if kind == "head":

@@ -36,12 +36,9 @@ def run(args) -> int:
     from klgrade.cli import UserError
     from klgrade.data.site_shift import shift_names
     from klgrade.evaluate.robustness import evaluate_robustness, robustness_table, table_markdown
-    from klgrade.runs import read_config
+    from klgrade.runs import run_dataset
 
-    cfg = read_config(args.run)
-    data = args.data or cfg.get("data")
-    if not data:
-        raise UserError(f"{args.run}: its config names no dataset; pass --data DIR")
+    data = run_dataset(args.run, args.data)
     try:
         shift_names(args.shifts)
     except ValueError as e:
