@@ -18,9 +18,9 @@ def register(sub) -> None:
                    "weights from the hub or its local cache)")
     p.add_argument("--embed-weights", default=None,
                    help="weights of the embedding backbone if not --weights (e.g. a local hub-layout folder)")
-    p.add_argument("--patients", type=int, default=150, help="synthetic patients, one visit each (default 150)")
+    p.add_argument("--patients", type=int, default=120, help="synthetic patients, one visit each (default 120)")
     p.add_argument("--img-size", type=int, default=64, help="CNN input size in px (default 64)")
-    p.add_argument("--epochs", type=int, default=15, help="CNN epochs (default 15)")
+    p.add_argument("--epochs", type=int, default=12, help="CNN epochs (default 12)")
     p.add_argument("--n-boot", type=int, default=500, help="bootstrap replicates for the CIs (default 500)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cnns", default="resnet18,convnext_tiny", help="CNNs to train (comma-separated)")
