@@ -104,3 +104,29 @@ def test_near_noop_on_kneekl224(real_data):
         centre_ok += d < 0.05
         fov_ok += abs(info.fov_px / w - 1) < 0.1
     assert centre_ok >= 0.7 * len(paths) and fov_ok >= 0.7 * len(paths), (centre_ok, fov_ok, len(paths))
+
+
+@pytest.mark.realdata
+def test_recentres_reframed_kneekl224(real_data):
+    """Another site's framing (30% wider, or 15%/12% off-centre) of real crops: the view is still
+    established and its centre maps back onto the original joint centre."""
+    from klgrade.data.site_shift import apply_shift
+
+    frames = {"zoom_out_30": (1.3, 0.0, 0.0), "off_centre": (1.0, 0.15, 0.12)}
+    paths = sorted((real_data / "val").glob("*/*.png"))[5::17][:48]
+    ok = close = 0
+    for p in paths:
+        img = read_image(p)
+        h, w = img.shape
+        _, ref = canonical_view(img, 64)
+        for name, (fov, dx, dy) in frames.items():
+            shifted = apply_shift(img, name, p.name)
+            _, info = canonical_view(shifted, 64)
+            sh, sw = shifted.shape
+            # shifted pixel -> original pixel (the inverse of site_shift._reframe)
+            x = (w - 1) / 2 + dx * w + (info.centre[0] - (sw - 1) / 2) * fov * w / sw
+            y = (h - 1) / 2 + dy * h + (info.centre[1] - (sh - 1) / 2) * fov * h / sh
+            ok += info.ok
+            close += info.ok and np.hypot(x - ref.centre[0], y - ref.centre[1]) < 0.05 * ref.fov_px
+    n = 2 * len(paths)
+    assert ok >= 0.94 * n and close >= 0.8 * n, (ok, close, n)

@@ -64,8 +64,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     workers: int = 0  # DataLoader worker processes
-    amp: bool = True  # mixed precision on GPU (bf16 where supported, else fp16 + GradScaler)
-    channels_last: bool = True  # on GPU
+    amp: bool = True  # mixed precision: bf16 on GPUs (fp16 + GradScaler on old ones) and bf16-capable CPUs
+    channels_last: bool = True  # with amp or on GPU
     val_fraction: float = 0.1  # patient-level hold-out of train when the manifest has no 'val'
     tta: str = "flip"  # none | flip: for the predictions written at the end of training
     eval_batch_size: int = 64

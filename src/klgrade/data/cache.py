@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from klgrade.data.images import load_view
 
-CACHE_VERSION = 2  # 2: canonical view (klgrade.data.canonical) replaced the centre crop
+CACHE_VERSION = 3  # 2: canonical view replaced the centre crop; 3: faint joint lines accepted
 
 
 def _cache_key(paths: Sequence[Path], size: int) -> str:

@@ -43,7 +43,11 @@ TYPICAL_WIDTH_MM = 76.0  # adult tibial plateau width, for the field of view whe
 FOV_MM = FOV_PER_WIDTH * TYPICAL_WIDTH_MM
 WORK_PX = 192  # long side of the working copy used for localisation
 GAP_SIGMAS = (1.2, 1.8, 2.7, 4.0)  # joint-space widths tried (work px, Gaussian sigma)
-MIN_GAP_SCORE = 0.004  # below: no joint-space-like band at all
+MIN_GAP_SCORE = 0.004  # below: no joint-space-like band at all ...
+# ... unless the band is faint but unmistakable: low-contrast films (and wide framings, where the
+# joint is small) give scores down to ~0.001 with the line still 12-300x above the typical row.
+MIN_FAINT_GAP_SCORE = 0.0006
+MIN_FAINT_DOMINANCE = 12.0
 MIN_DOMINANCE = 4.0  # the joint line must beat the typical row by this factor (knees: >14, noise: ~2)
 MIN_EDGE = 0.06  # a bone edge must be at least this fraction of the bone/soft-tissue contrast
 BORDER_FRAC = 0.03  # an edge this close to the frame may be the frame itself (a truncated knee)
@@ -153,7 +157,7 @@ def locate_knee(img: np.ndarray) -> _Joint:
     g = ndimage.gaussian_filter(g, 0.7, mode="nearest")
     h, w = g.shape
     iy, ix, sig, score, dom = _joint_line(g)
-    if score < MIN_GAP_SCORE:
+    if score < MIN_GAP_SCORE and not (score >= MIN_FAINT_GAP_SCORE and dom >= MIN_FAINT_DOMINANCE):
         return _Joint(w / 2 / f, h / 2 / f, float("nan"), score,
                       f"no joint-space-like band found (score {score:.4f} < {MIN_GAP_SCORE})")
     if dom < MIN_DOMINANCE:

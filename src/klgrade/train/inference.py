@@ -24,7 +24,8 @@ from klgrade.data.dataset import ViewBatches, make_loader, views_to_tensor
 from klgrade.runs import RunError, read_config
 
 __all__ = ["LoadedRun", "load_cnn_run", "predict_views", "predict_batches", "forward_probs",
-           "views_to_tensor", "resolve_device", "read_checkpoint"]
+           "views_to_tensor", "resolve_device", "read_checkpoint", "cpu_has_native_bf16",
+           "use_channels_last"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -36,11 +37,29 @@ def resolve_device(name: str = "auto") -> torch.device:
     return dev
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (AMX or AVX512-BF16): there bf16 autocast
+    runs convolutions 2-3x faster than fp32; elsewhere it is emulated and slower."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | None:
-    """bf16 autocast on GPUs that support it, fp16 on older ones, none on CPU (slow there)."""
-    if not enabled or device.type != "cuda":
+    """bf16 autocast on GPUs that support it (fp16 on older ones) and on CPUs with native bf16;
+    none on other CPUs, where mixed precision is slower than fp32."""
+    if not enabled:
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
+def use_channels_last(device: torch.device, amp_dtype: torch.dtype | None, wanted: bool = True) -> bool:
+    """Channels-last pays off on GPUs and with oneDNN's bf16 kernels on the CPU (~30% faster)."""
+    return wanted and (device.type == "cuda" or amp_dtype is not None)
 
 
 @dataclass
@@ -95,7 +114,8 @@ def load_cnn_run(run_dir: str | Path, device: str | torch.device = "auto",
         raise RunError(f"{run_dir / checkpoint}: weights do not fit '{model_name}' "
                        f"({str(e).splitlines()[0][:200]})") from e
     model.eval().to(dev)
-    channels_last = dev.type == "cuda" and bool(cfg.get("channels_last", True))
+    amp_dtype = amp_dtype_for(dev, bool(cfg.get("amp", True)))
+    channels_last = use_channels_last(dev, amp_dtype, bool(cfg.get("channels_last", True)))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     meta = {k: v for k, v in ckpt.items() if k != "model"}
@@ -103,7 +123,7 @@ def load_cnn_run(run_dir: str | Path, device: str | torch.device = "auto",
         model=model, spec=built.spec, img_size=int(ckpt.get("img_size", cfg.get("img_size"))),
         mean=tuple(ckpt.get("mean", built.mean)), std=tuple(ckpt.get("std", built.std)), config=cfg,
         device=dev, run_dir=run_dir, arch=ckpt.get("arch", built.arch),
-        amp_dtype=amp_dtype_for(dev, bool(cfg.get("amp", True))), channels_last=channels_last,
+        amp_dtype=amp_dtype, channels_last=channels_last,
         checkpoint_meta=meta,
     )
 

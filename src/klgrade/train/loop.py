@@ -2,7 +2,8 @@
 
 - AdamW (no weight decay on norms/biases, via timm) with linear warm-up and cosine decay, stepped
   per batch; class-weighted ordinal loss by default (klgrade.models.losses).
-- Mixed precision (bf16, or fp16 + GradScaler) and channels-last on GPU; fp32 on CPU.
+- Mixed precision (bf16, or fp16 + GradScaler) and channels-last on GPU and on CPUs with native
+  bf16 (AMX / AVX512-BF16: 2-3x faster there); fp32 on other CPUs.
 - Every epoch: validation QWK; ``checkpoint.pt`` when it improves; ``history.csv``; ``last.pt``
   (model, optimizer, scheduler, scaler, RNG states, epoch, best) for resume. All writes atomic.
 - Exact resume: each epoch's randomness (sample order, augmentation, dropout) is seeded from
@@ -31,7 +32,7 @@ from klgrade import io
 from klgrade.config import TrainConfig, save_config
 from klgrade.data.dataset import Augment, ViewBatches, make_loader, normalize, set_epoch
 from klgrade.runs import RunError, write_predictions
-from klgrade.train.inference import amp_dtype_for, predict_batches, resolve_device
+from klgrade.train.inference import amp_dtype_for, predict_batches, resolve_device, use_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -202,8 +203,8 @@ class Trainer:
         self.train_labels = self.data.df["klg"].to_numpy()[self.data.rows["train"]]
 
         cuda = self.device.type == "cuda"
-        self.channels_last = cuda and cfg.channels_last
         self.amp_dtype = amp_dtype_for(self.device, cfg.amp)
+        self.channels_last = use_channels_last(self.device, self.amp_dtype, cfg.channels_last)
         model = built.model.to(self.device)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -281,6 +282,8 @@ class Trainer:
         return {RESOLVED_KEY: {
             "arch": self.built.arch, "mean": list(self.built.mean), "std": list(self.built.std),
             "val_source": d.val_source, "world_size": self.dist.world_size, "device": str(self.device),
+            "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+            "channels_last": self.channels_last,
             "n_images": {s: int(len(r)) for s, r in d.rows.items()},
             "klgrade_version": str(klgrade.__version__), "torch_version": str(torch.__version__),
         }}
