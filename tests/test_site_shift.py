@@ -64,5 +64,34 @@ def test_site_shift_augment_batched_and_seeded():
 
 
 def test_augment_includes_site_shift_by_default():
-    assert any(isinstance(op, SiteShiftAugment) for op in Augment().ops)
-    assert not any(isinstance(op, SiteShiftAugment) for op in Augment(AugmentConfig(site_shift=False)).ops)
+    aug = Augment()
+    assert isinstance(aug.site, SiteShiftAugment) and aug.site.photometric in aug.ops
+    assert Augment(AugmentConfig(site_shift=False)).site is None
+
+
+def test_fused_warp_equals_framing_then_jitter():
+    """Augment.warp (one resampling) == the jitter followed by the site framing (two resamplings),
+    up to the second interpolation's smoothing."""
+    import torch.nn.functional as F
+
+    from klgrade.data.dataset import Augment
+
+    x = F.interpolate(torch.rand(5, 1, 6, 6), size=64, mode="bicubic", align_corners=False).clamp(0, 1)
+    aug = Augment()
+    fused = aug.warp(x, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    theta = aug.jitter_theta(5, g)  # same draws, same order as warp
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    jittered = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    two_pass = aug.site.geometry(jittered, g)
+    assert (fused - two_pass).abs().mean() < 0.01
+    assert (fused - x).abs().mean() > 0.02  # and it did move the images
+
+
+def test_photometric_ops_leave_unselected_images_alone():
+    aug = SiteShiftAugment()
+    x = torch.rand(16, 1, 96, 96)
+    for op in (aug.curve, aug.blur, aug.texture, aug.noise):
+        y = op(x, torch.Generator().manual_seed(0))
+        changed = (y - x).flatten(1).abs().amax(1) > 0
+        assert 0 < changed.sum() < 16, op.__name__  # selected by its probability, not all or none

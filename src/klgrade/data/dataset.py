@@ -87,12 +87,19 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         base.set_epoch(epoch)
 
 
-def normalize(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+def normalize(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+              channels_last: bool = False) -> torch.Tensor:
     """(B,1,S,S) gray in [0,1] -> (B,3,S,S) replicated and normalised per channel with the
-    weights' pretrained mean/std (see klgrade.models.cnn for why replicate)."""
+    weights' pretrained mean/std (see klgrade.models.cnn for why replicate). ``channels_last``:
+    written straight into that layout (one pass instead of normalise + copy)."""
     m = torch.tensor(mean, device=x01.device, dtype=x01.dtype).view(1, -1, 1, 1)
     s = torch.tensor(std, device=x01.device, dtype=x01.dtype).view(1, -1, 1, 1)
-    return (x01 - m) / s
+    if not channels_last:
+        return (x01 - m) / s
+    b, _, h, w = x01.shape
+    out = torch.empty(b, m.shape[1], h, w, device=x01.device, dtype=x01.dtype,
+                      memory_format=torch.channels_last)
+    return torch.addcmul(-m / s, x01, 1 / s, out=out)  # (x - m) / s
 
 
 def views_to_tensor(views, mean: Sequence[float], std: Sequence[float], device="cpu",
@@ -102,8 +109,7 @@ def views_to_tensor(views, mean: Sequence[float], std: Sequence[float], device="
     if t.dtype != torch.uint8 or t.ndim != 3:
         raise ValueError(f"expected uint8 views of shape (N,S,S), got {tuple(t.shape)} {t.dtype}")
     x = t.to(device, non_blocking=True).unsqueeze(1).float().div_(255.0)
-    x = normalize(x, mean, std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return normalize(x, mean, std, channels_last)
 
 
 AugmentOp = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
@@ -114,16 +120,22 @@ class Augment:
 
     Random parameters are drawn on the CPU from the given generator, so results depend only on the
     seed, not on the device or on how many numbers other code drew. ``ops`` is an ordered list of
-    ``op(x, generator) -> x``; a new augmentation (e.g. site shift) is one more op appended to it.
+    ``op(x, generator) -> x``; a new augmentation is one more op appended to it. The geometric
+    jitter and the site-shift framing (:class:`klgrade.data.site_shift.SiteShiftAugment`) share one
+    resampling (:meth:`warp`): one interpolation blurs less, and on a CPU the second pass cost ~5%
+    of a ResNet18 training step.
     """
 
     def __init__(self, cfg: AugmentConfig | None = None):
         self.cfg = cfg or AugmentConfig()
-        self.ops: list[AugmentOp] = [self.geometric, self.intensity] if self.cfg.enabled else []
-        if self.cfg.enabled and self.cfg.site_shift:
-            from klgrade.data.site_shift import SiteShiftAugment
+        self.site = None
+        self.ops: list[AugmentOp] = []
+        if self.cfg.enabled:
+            if self.cfg.site_shift:
+                from klgrade.data.site_shift import SiteShiftAugment
 
-            self.ops.append(SiteShiftAugment())
+                self.site = SiteShiftAugment()
+            self.ops = [self.warp, self.intensity] + ([self.site.photometric] if self.site else [])
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         for op in self.ops:
@@ -134,21 +146,41 @@ class Augment:
     def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
         return torch.rand(n, generator=g) * (hi - lo) + lo
 
-    def geometric(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Small rotation, zoom, translation and a horizontal flip in one resampling."""
+    def jitter_theta(self, n: int, g: torch.Generator) -> torch.Tensor:
+        """(n,2,3) affine maps (grid units): small rotation, zoom, translation, horizontal flip."""
         c = self.cfg
-        n = x.shape[0]
         angle = self._uniform(n, -c.rotate_deg, c.rotate_deg, g) * (math.pi / 180)
         zoom = self._uniform(n, 1 - c.scale, 1 + c.scale, g)
         t = self._uniform(2 * n, -c.translate, c.translate, g).view(n, 2) * 2  # grid units span 2
         flip = torch.where(torch.rand(n, generator=g) < c.hflip, -1.0, 1.0)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([
+        return torch.stack([
             torch.stack([cos * flip, -sin, t[:, 0]], dim=1),
             torch.stack([sin * flip, cos, t[:, 1]], dim=1),
-        ], dim=1).to(x.device, x.dtype)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        # 'border' continues the edge tissue instead of pasting black corners into the image.
+        ], dim=1)
+
+    def warp(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """The jitter of :meth:`jitter_theta`, after the site-shift framing when that is on, in one
+        bilinear resampling. 'border' continues the edge tissue instead of pasting black corners."""
+        n, _, h, w = x.shape
+        theta = self.jitter_theta(n, g).to(x.device, x.dtype)
+        if self.site is None:
+            grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        else:
+            # output pixel -> site framing coords v (separable) -> jittered source coords
+            vx, vy = self.site.framing_coords(n, h, w, g)
+            vx = vx.to(x.device, x.dtype).clamp(-1, 1).view(n, 1, w)
+            vy = vy.to(x.device, x.dtype).clamp(-1, 1).view(n, h, 1)
+            a = theta.view(n, 2, 3, 1, 1)
+            grid = torch.stack([a[:, 0, 0] * vx + a[:, 0, 1] * vy + a[:, 0, 2],
+                                a[:, 1, 0] * vx + a[:, 1, 1] * vy + a[:, 1, 2]], dim=-1)
+        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    # kept for callers that want the jitter alone
+    def geometric(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        """Small rotation, zoom, translation and a horizontal flip in one resampling."""
+        grid = F.affine_grid(self.jitter_theta(x.shape[0], g).to(x.device, x.dtype), list(x.shape),
+                             align_corners=False)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def intensity(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -197,7 +197,10 @@ class SiteShiftAugment:
         self.cfg = cfg or SiteShiftConfig()
 
     def __call__(self, x, generator):
-        x = self.geometry(x, generator)
+        return self.photometric(self.geometry(x, generator), generator)
+
+    def photometric(self, x, generator):
+        """Contrast curve, blur, detector texture and noise (everything but the framing)."""
         x = self.curve(x, generator)
         x = self.blur(x, generator)
         x = self.texture(x, generator)
@@ -216,29 +219,51 @@ class SiteShiftAugment:
 
         return torch.rand(n, generator=g) < p
 
-    def geometry(self, x, g):
-        import torch
-        import torch.nn.functional as F
+    @staticmethod
+    def _apply(x, on, fn):
+        """``fn`` on the images selected by ``on`` only (the others pass untouched)."""
+        if on.all():
+            return fn(x, on.nonzero().squeeze(1))
+        idx = on.nonzero().squeeze(1)
+        if len(idx) == 0:
+            return x
+        didx = idx.to(x.device)
+        return x.index_copy(0, didx, fn(x.index_select(0, didx), idx))
 
-        c, n = self.cfg, x.shape[0]
+    def framing_coords(self, n: int, h: int, w: int, g):
+        """Where each output pixel samples the view (grid units, align_corners=False), separable:
+        (n,w) x-coordinates and (n,h) y-coordinates. Zoom > 1 shows a smaller region (magnified);
+        a frame ending inside the view clamps the coordinates to its window (= its edge continued,
+        as the canonical view pads)."""
+        import torch
+
+        c = self.cfg
         on = self._on(n, c.p_geometry, g)
         lz = math.log(c.zoom)
         zoom = torch.where(on, torch.exp(self._u(n, -lz, lz, g)), torch.ones(n))
-        t = torch.where(on[:, None], self._u(2 * n, -c.translate, c.translate, g).view(n, 2) * 2, torch.zeros(n, 2))
+        t = torch.where(on[:, None], self._u(2 * n, -c.translate, c.translate, g).view(n, 2) * 2,
+                        torch.zeros(n, 2))
         framed = self._on(n, c.p_frame, g)
-        cuts = self._u(4 * n, 0, c.frame_cut, g).view(n, 4) * framed[:, None]
-        if not (on.any() or framed.any()):
-            return x
-        # zoom > 1 shows a smaller region (magnified); sampling coords = out / zoom + t
-        theta = torch.zeros(n, 2, 3)
-        theta[:, 0, 0] = 1 / zoom
-        theta[:, 1, 1] = 1 / zoom
-        theta[:, :, 2] = t
-        grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-        # a frame ending inside the view: clamp sampling to the window = its edge continued
-        lo = (-1 + 2 * cuts[:, [0, 2]]).to(x.device, x.dtype).view(n, 1, 1, 2)
-        hi = (1 - 2 * cuts[:, [1, 3]]).to(x.device, x.dtype).view(n, 1, 1, 2)
-        grid = torch.maximum(torch.minimum(grid, hi), lo)
+        cuts = self._u(4 * n, 0, c.frame_cut, g).view(n, 4) * framed[:, None]  # left, right, top, bottom
+        bx = (2 * torch.arange(w) + 1) / w - 1
+        by = (2 * torch.arange(h) + 1) / h - 1
+        vx = bx[None] / zoom[:, None] + t[:, :1]
+        vy = by[None] / zoom[:, None] + t[:, 1:]
+        vx = torch.minimum(torch.maximum(vx, -1 + 2 * cuts[:, :1]), 1 - 2 * cuts[:, 1:2])
+        vy = torch.minimum(torch.maximum(vy, -1 + 2 * cuts[:, 2:3]), 1 - 2 * cuts[:, 3:])
+        return vx, vy
+
+    def geometry(self, x, g):
+        """The framing of :meth:`framing_coords` alone (klgrade.data.dataset.Augment fuses it with
+        its jitter into one resampling)."""
+        import torch
+        import torch.nn.functional as F
+
+        n, _, h, w = x.shape
+        vx, vy = self.framing_coords(n, h, w, g)
+        vx = vx.to(x.device, x.dtype).view(n, 1, w, 1).expand(n, h, w, 1)
+        vy = vy.to(x.device, x.dtype).view(n, h, 1, 1).expand(n, h, w, 1)
+        grid = torch.cat([vx, vy], dim=-1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def curve(self, x, g):
@@ -249,10 +274,14 @@ class SiteShiftAugment:
         lg = math.log(c.gamma)
         gamma = torch.where(on, torch.exp(self._u(n, -lg, lg, g)), torch.ones(n)).view(n, 1, 1, 1)
         k = torch.where(on, self._u(n, -c.contrast, c.contrast, g), torch.zeros(n)).view(n, 1, 1, 1)
-        x = x.clamp(0, 1).pow(gamma.to(x.device, x.dtype))
-        # S-curve (k>0) or flattening (k<0) around mid-grey, endpoints fixed: x + k x(1-x)(2x-1)
-        k = k.to(x.device, x.dtype)
-        return (x - k * x * (1 - x) * (1 - 2 * x)).clamp(0, 1)
+        gamma, k = gamma.to(x.device, x.dtype), k.to(x.device, x.dtype)
+
+        def fn(xs, idx):
+            d = idx.to(x.device)
+            xs = xs.clamp(0, 1).pow(gamma[d])
+            # S-curve (k>0) or flattening (k<0) around mid-grey, endpoints fixed: x + k x(1-x)(2x-1)
+            return (xs - k[d] * xs * (1 - xs) * (1 - 2 * xs)).clamp(0, 1)
+        return self._apply(x, on, fn)
 
     def blur(self, x, g):
         import torch
@@ -265,41 +294,50 @@ class SiteShiftAugment:
             return x
         r = int(math.ceil(3 * float(sig.max())))
         ax = torch.arange(-r, r + 1, dtype=torch.float32)
-        k = torch.exp(-0.5 * (ax[None] / sig.clamp_min(1e-3)[:, None]) ** 2)
-        k = (k / k.sum(1, keepdim=True)).to(x.device, x.dtype)  # (B, K); sigma 0 -> delta
-        y = x.transpose(0, 1)  # (1,B,H,W): one group per image
-        y = F.pad(y, (r, r, r, r), mode="replicate")
-        y = F.conv2d(y, k.view(n, 1, 1, -1), groups=n)
-        y = F.conv2d(y, k.view(n, 1, -1, 1), groups=n)
-        return y.transpose(0, 1)
+
+        def fn(xs, idx):
+            m = len(idx)
+            k = torch.exp(-0.5 * (ax[None] / sig[idx].clamp_min(1e-3)[:, None]) ** 2)
+            k = (k / k.sum(1, keepdim=True)).to(x.device, x.dtype)  # (m, K)
+            y = F.pad(xs.transpose(0, 1), (r, r, r, r), mode="replicate")  # (1,m,H,W): a group per image
+            y = F.conv2d(y, k.view(m, 1, 1, -1), groups=m)
+            y = F.conv2d(y, k.view(m, 1, -1, 1), groups=m)
+            return y.transpose(0, 1)
+        return self._apply(x, on, fn)
 
     def texture(self, x, g):
         import torch
         import torch.nn.functional as F
 
         c, (n, _, h, w) = self.cfg, x.shape
-        on = self._on(n, c.p_texture, g).float()
+        on = self._on(n, c.p_texture, g)
         if not on.any():
             return x
-        amp = (self._u(n, 0, c.texture, g) * on).view(n, 1, 1, 1)
+        amp = self._u(n, 0, c.texture, g).view(n, 1, 1, 1)
         # a smooth detector gain field and faint anti-scatter grid lines
         # drawn small on the CPU (seeded), expanded on x's device: full-size work stays on the GPU
-        field = torch.randn(n, 1, 4, 4, generator=g).to(x.device, x.dtype)
-        field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=False)
-        period = self._u(n, 2.2, 5.0, g).view(n, 1, 1, 1).to(x.device, x.dtype)
+        field = torch.randn(n, 1, 4, 4, generator=g)
+        period = self._u(n, 2.2, 5.0, g).view(n, 1, 1, 1)
         cols = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
-        lines = torch.sin(2 * math.pi * cols / period)
-        return x * (1 + amp.to(x.device, x.dtype) * (0.5 * field + 0.25 * lines))
+
+        def fn(xs, idx):
+            f = F.interpolate(field[idx].to(x.device, x.dtype), size=(h, w), mode="bicubic", align_corners=False)
+            lines = torch.sin(2 * math.pi * cols / period[idx].to(x.device, x.dtype))
+            return xs * (1 + amp[idx].to(x.device, x.dtype) * (0.5 * f + 0.25 * lines))
+        return self._apply(x, on, fn)
 
     def noise(self, x, g):
         import torch
 
         c, n = self.cfg, x.shape[0]
-        on = self._on(n, c.p_noise, g).float()
+        on = self._on(n, c.p_noise, g)
         if not on.any():
             return x
-        sig = (self._u(n, 0, c.noise, g) * on).view(n, 1, 1, 1).to(x.device, x.dtype)
+        sig = self._u(n, 0, c.noise, g).view(n, 1, 1, 1).to(x.device, x.dtype)
         # a device generator seeded from the CPU one: reproducible, and no full-size CPU->GPU copy
         dev_gen = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
-        eps = torch.randn(x.shape, generator=dev_gen, device=x.device, dtype=x.dtype)
-        return x + sig * torch.sqrt(0.25 + x.clamp(0, 1)) * eps
+
+        def fn(xs, idx):
+            eps = torch.randn(xs.shape, generator=dev_gen, device=x.device, dtype=x.dtype)
+            return xs + sig[idx.to(x.device)] * torch.sqrt(0.25 + xs.clamp(0, 1)) * eps
+        return self._apply(x, on, fn)

@@ -305,8 +305,7 @@ class Trainer:
     def _prepare(self, views: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x = views.to(self.device, non_blocking=True).unsqueeze(1).float().div_(255.0)
         x = self.augment(x, gen)
-        x = normalize(x, self.built.mean, self.built.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+        return normalize(x, self.built.mean, self.built.std, self.channels_last)
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
