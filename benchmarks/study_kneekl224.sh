@@ -13,9 +13,10 @@ KL=${KL:-../shared/data/kneeKL224}
 OUT=${OUT:-results/study_kneekl224}
 WEIGHTS=${WEIGHTS:-none}
 DEVICE=${DEVICE:-auto}
-IMG=${IMG:-128}
-EPOCHS_R18=${EPOCHS_R18:-8}
-EPOCHS_CNX=${EPOCHS_CNX:-3}
+IMG=${IMG:-192}  # ResNet18 (the issue-3 cpu1h recipe: 192 px, 30 epochs, ~50 min with bf16 on 2 cores)
+IMG_CNX=${IMG_CNX:-128}  # ConvNeXt is ~10x slower per image on this CPU
+EPOCHS_R18=${EPOCHS_R18:-30}
+EPOCHS_CNX=${EPOCHS_CNX:-6}
 BATCH=${BATCH:-32}
 BACKBONE=${BACKBONE:-biomedclip}
 SEED=${SEED:-0}
@@ -31,12 +32,12 @@ if [[ ! -f "$OUT/data/manifest.csv" ]]; then
   $BIN split "$OUT/data" --rename val=test --holdout 0.1 --seed "$SEED"
 fi
 
-train() {  # model epochs lr extra...
-  local m=$1 e=$2 lr=$3; shift 3
+train() {  # model img epochs lr extra...
+  local m=$1 img=$2 e=$3 lr=$4; shift 4
   if [[ -f "$OUT/runs/$m/metrics_test.json" ]]; then log "$m: done already"; return; fi
   if [[ -f "$OUT/runs/$m/last.pt" ]]; then log "$m: resuming"; $BIN train --resume "$OUT/runs/$m"; return; fi
-  log "train $m ($WEIGHTS weights, ${IMG}px, $e epochs)"
-  $BIN train --data "$OUT/data" --model "$m" --weights "$WEIGHTS" --img-size "$IMG" --epochs "$e" \
+  log "train $m ($WEIGHTS weights, ${img}px, $e epochs)"
+  $BIN train --data "$OUT/data" --model "$m" --weights "$WEIGHTS" --img-size "$img" --epochs "$e" \
     --batch-size "$BATCH" --lr "$lr" --seed "$SEED" --device "$DEVICE" "$@" --out "$OUT/runs/$m"
 }
 compare() {
@@ -49,13 +50,13 @@ compare() {
     --seed "$SEED" --out "$OUT/report"
 }
 
-train resnet18 "$EPOCHS_R18" 2e-3
+train resnet18 "$IMG" "$EPOCHS_R18" 2e-3
 log "embed with $BACKBONE ($WEIGHTS weights)"
 $BIN embed --data "$OUT/data" --backbone "$BACKBONE" --weights "$WEIGHTS" --device "$DEVICE" \
   --out "$OUT/embeddings/$BACKBONE"
 [[ -f "$OUT/runs/${BACKBONE}_mlp/metrics_test.json" ]] || $BIN fit-head --embeddings "$OUT/embeddings/$BACKBONE" \
   --data "$OUT/data" --head mlp --seed "$SEED" --out "$OUT/runs/${BACKBONE}_mlp"
 compare
-train convnext_tiny "$EPOCHS_CNX" 5e-4 --drop-path-rate 0.1
+train convnext_tiny "$IMG_CNX" "$EPOCHS_CNX" 5e-4 --drop-path-rate 0.1
 compare
 log "done: $OUT/report/report.html"

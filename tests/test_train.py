@@ -277,3 +277,39 @@ def test_resume_after_sigkill_equals_uninterrupted(synth_png, tmp_path):
     cols = ["epoch", "lr", "train_loss", "val_qwk"]
     pd.testing.assert_frame_equal(pd.read_csv(run / "history.csv")[cols],
                                   pd.read_csv(tmp_path / "full" / "history.csv")[cols])
+
+
+# ----------------------------------------------------------------------------- precision
+def test_mixed_precision_follows_the_hardware(monkeypatch):
+    from klgrade.train import inference as inf
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(inf, "cpu_has_native_bf16", lambda: True)
+    assert inf.amp_dtype_for(cpu) == torch.bfloat16 and inf.use_channels_last(cpu, torch.bfloat16)
+    assert inf.amp_dtype_for(cpu, enabled=False) is None
+    assert not inf.use_channels_last(cpu, torch.bfloat16, wanted=False)
+    monkeypatch.setattr(inf, "cpu_has_native_bf16", lambda: False)
+    assert inf.amp_dtype_for(cpu) is None and not inf.use_channels_last(cpu, None)
+    assert inf.use_channels_last(gpu, None)
+
+
+def test_bf16_inference_agrees_with_fp32(tiny_cnn_run, synth_png):
+    """bf16 autocast (used on CPUs with AMX/AVX512-BF16) grades like fp32, and the run records
+    the precision it trained in."""
+    from klgrade.data.images import load_view
+    from klgrade.data.manifest import read_manifest
+    from klgrade.train.inference import amp_dtype_for, load_cnn_run, predict_views
+
+    loaded = load_cnn_run(tiny_cnn_run, device="cpu")
+    resolved = io.read_yaml(tiny_cnn_run / "config.yaml")["resolved"]
+    expect = amp_dtype_for(torch.device("cpu"))
+    assert resolved["amp_dtype"] == (str(expect).replace("torch.", "") if expect else "fp32")
+    df = read_manifest(synth_png)
+    paths = [p if Path(p).is_absolute() else synth_png / p for p in df.path[:48]]
+    views = np.stack([load_view(p, loaded.img_size) for p in paths])
+    loaded.amp_dtype = None
+    p32 = predict_views(loaded, views)
+    loaded.amp_dtype = torch.bfloat16
+    p16 = predict_views(loaded, views)
+    assert np.abs(p32 - p16).max() < 0.05
+    assert (p32.argmax(1) == p16.argmax(1)).mean() >= 0.9

@@ -55,7 +55,7 @@ def register(sub) -> None:
     p.add_argument("--drop-path-rate", type=float, help="stochastic depth (ConvNeXt), default 0")
     p.add_argument("--name", help="display name of the run (default: folder name)")
     p.add_argument("--cache-dir", help="decode cache dir (default $KLGRADE_CACHE or ~/.cache/klgrade)")
-    p.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="fp32 on GPU")
+    p.add_argument("--no-amp", dest="amp", action="store_const", const=False, help="fp32 everywhere (default: bf16 on GPUs and on CPUs with AMX/AVX512-BF16)")
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False,
                    help="switch augmentation off")
     p.set_defaults(func=run)
