@@ -134,7 +134,7 @@ class Augment:
             if self.cfg.site_shift:
                 from klgrade.data.site_shift import SiteShiftAugment
 
-                self.site = SiteShiftAugment()
+                self.site = SiteShiftAugment(self.cfg.site)
             self.ops = [self.warp, self.intensity] + ([self.site.photometric] if self.site else [])
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

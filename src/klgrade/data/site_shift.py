@@ -26,6 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 from klgrade import io
+from klgrade.config import SiteShiftConfig  # noqa: F401 - its ranges live with the other configs
 
 # --------------------------------------------------------------------------- evaluation shifts
 
@@ -164,29 +165,6 @@ def write_shifted(src: str | Path, name: str, dst: str | Path, key: str | None =
 
 
 # --------------------------------------------------------------------------- training augmentation
-
-
-@dataclass
-class SiteShiftConfig:
-    """Ranges of :class:`SiteShiftAugment` (probabilities per image; sizes relative to the view)."""
-
-    p_geometry: float = 0.5
-    zoom: float = 1.3  # log-uniform zoom in [1/zoom, zoom]: residual scale error of the canonical view
-    translate: float = 0.06  # +- fraction of the view
-    # framing that ends inside the view (edge continued, as the canonical view pads). 0.5, not 0.3:
-    # with 0.3 a 30% tighter framing, which cuts the plateau margins where osteophytes sit, raised
-    # the grade of 30% of kneeKL224 val knees (their continued edges look like bone spurs).
-    p_frame: float = 0.5
-    frame_cut: float = 0.22  # up to this fraction cut from each side
-    p_curve: float = 0.5
-    gamma: float = 1.5  # log-uniform gamma in [1/gamma, gamma]
-    contrast: float = 0.6  # max strength of an S/anti-S contrast curve
-    p_blur: float = 0.3
-    blur_px: float = 1.6  # max Gaussian sigma at 224 px (scaled with the view size)
-    p_noise: float = 0.4  # noise alone raised grades (+0.25 on average) with 0.3
-    noise: float = 0.04  # max noise sigma at mid-grey
-    p_texture: float = 0.2
-    texture: float = 0.06  # max amplitude of detector gain field / grid lines
 
 
 class SiteShiftAugment:

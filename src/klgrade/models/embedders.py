@@ -29,14 +29,15 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from klgrade.data.cache import CACHE_VERSION
 from klgrade.models.registry import WeightsError, get_spec
 
 log = logging.getLogger(__name__)
 
 FEATURES = ("proj", "pre")
-# How the square view is made (klgrade.data.images.square_view): part of the store's preprocessing
-# record, so a change to the view function can be versioned here.
-VIEW_RECIPE = "square_view: centre square crop, resize (bicubic up / lanczos down), uint8"
+# How the view is made, in the store's preprocessing record: it names the view code's version, so a
+# store made with an older canonical view is refused (the version changes whenever the views do).
+VIEW_RECIPE = f"canonical_view (klgrade.data.canonical), view version {CACHE_VERSION}, uint8"
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
