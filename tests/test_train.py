@@ -19,6 +19,7 @@ from klgrade.config import (
     ConfigError,
     TrainConfig,
     apply_overrides,
+    from_dict,
     load_train_config,
     save_config,
 )
@@ -54,6 +55,18 @@ def test_config_yaml_file_then_flags_override(tmp_path):
     # a saved (resolved) config seeds a new run unchanged
     save_config(cfg, tmp_path / "run.yaml", extra={"resolved": {"arch": "x"}})
     assert load_train_config(tmp_path / "run.yaml") == cfg
+
+
+def test_site_shift_ranges_are_part_of_the_saved_config(tmp_path):
+    from klgrade.data.dataset import Augment
+
+    cfg = apply_overrides(TrainConfig(), {"augment.site.p_frame": 0.1, "augment.site.noise": 0.02})
+    save_config(cfg, tmp_path / "run.yaml")
+    assert io.read_yaml(tmp_path / "run.yaml")["augment"]["site"]["p_frame"] == 0.1
+    back = load_train_config(tmp_path / "run.yaml")
+    assert Augment(back.augment).site.cfg.p_frame == 0.1 and back.augment.site.noise == 0.02
+    with pytest.raises(ConfigError, match="augment.site.p_frme"):
+        from_dict(TrainConfig, {"augment": {"site": {"p_frme": 0.2}}})
 
 
 @pytest.mark.parametrize("content, msg", [
