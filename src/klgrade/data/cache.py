@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from klgrade.data.images import load_view
 
-CACHE_VERSION = 3  # 2: canonical view replaced the centre crop; 3: faint joint lines accepted
+CACHE_VERSION = 4  # 2: canonical view replaced the centre crop; 3: faint joint lines accepted;
+# 4: joint-line dominance measured against rows beyond the line's own filter reach
 
 
 def _cache_key(paths: Sequence[Path], size: int) -> str:
