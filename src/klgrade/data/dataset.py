@@ -176,13 +176,6 @@ class Augment:
                                 a[:, 1, 0] * vx + a[:, 1, 1] * vy + a[:, 1, 2]], dim=-1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    # kept for callers that want the jitter alone
-    def geometric(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Small rotation, zoom, translation and a horizontal flip in one resampling."""
-        grid = F.affine_grid(self.jitter_theta(x.shape[0], g).to(x.device, x.dtype), list(x.shape),
-                             align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
     def intensity(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         """Exposure-like changes: gamma, contrast around the image mean, brightness."""
         c = self.cfg

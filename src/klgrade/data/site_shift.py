@@ -26,7 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 from klgrade import io
-from klgrade.config import SiteShiftConfig  # noqa: F401 - its ranges live with the other configs
+from klgrade.config import SiteShiftConfig  # its ranges live with the other run settings
 
 # --------------------------------------------------------------------------- evaluation shifts
 
@@ -203,11 +203,11 @@ class SiteShiftAugment:
     @staticmethod
     def _apply(x, on, fn):
         """``fn`` on the images selected by ``on`` only (the others pass untouched)."""
-        if on.all():
-            return fn(x, on.nonzero().squeeze(1))
         idx = on.nonzero().squeeze(1)
         if len(idx) == 0:
             return x
+        if len(idx) == len(on):
+            return fn(x, idx)
         didx = idx.to(x.device)
         return x.index_copy(0, didx, fn(x.index_select(0, didx), idx))
 
