@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from klgrade.data.canonical import FOV_PER_WIDTH, JOINT_ROW, canonical_view, is_bilateral
+from klgrade.data.canonical import FOV_PER_WIDTH, JOINT_ROW, STATS_BOX, canonical_view, is_bilateral
 from klgrade.data.images import read_image, square_view
 from klgrade.data.synthetic import render_bilateral, render_knee
 
@@ -135,3 +135,41 @@ def test_recentres_reframed_kneekl224(real_data):
     n = len(paths)
     assert all(v >= 0.95 * n for v in ok.values()), (ok, n)
     assert all(v >= 0.6 * n for v in close.values()) and sum(close.values()) >= 0.75 * len(frames) * n, (close, n)
+
+
+def _box_grey_shift(img: np.ndarray, shifted: np.ndarray, size: int = 96) -> float:
+    """Mean grey-level change of the joint region between two framings of the same knee."""
+    a, _ = canonical_view(img, size)
+    b, _ = canonical_view(shifted, size)
+    x0, x1, y0, y1 = (round(f * size) for f in STATS_BOX)
+    return float(np.mean(b[y0:y1, x0:x1].astype(float) - a[y0:y1, x0:x1]))
+
+
+def test_tighter_framing_keeps_grey_levels(monkeypatch):
+    """Intensity statistics from the joint-centred box: a 30%-tighter or off-centre frame (which
+    loses the soft tissue at the sides) leaves the joint's grey levels alone."""
+    from klgrade.data import canonical
+    from klgrade.data.site_shift import apply_shift
+
+    rng = np.random.default_rng(7)
+    # framed tightly, like kneeKL224 crops, so that a tighter frame loses the soft tissue at the sides
+    knees = [render_knee(g, rng, size_px=200, fov_mm=95)[0] for g in (0, 2, 4)]
+    frames = ("zoom_in_30", "off_centre", "aspect_tall")
+    shifts = [_box_grey_shift(k, apply_shift(k, f, str(i))) for i, k in enumerate(knees) for f in frames]
+    assert max(abs(s) for s in shifts) < 1.5, shifts
+    # whole-frame statistics (the previous behaviour) do move them: the check above can fail
+    monkeypatch.setattr(canonical, "STATS_BOX", (0.0, 1.0, 0.0, 1.0))
+    whole = [_box_grey_shift(k, apply_shift(k, f, str(i))) for i, k in enumerate(knees) for f in frames]
+    assert max(abs(s) for s in whole) > 4.0, whole
+
+
+@pytest.mark.realdata
+def test_reframed_kneekl224_keeps_grey_levels(real_data):
+    """Real crops re-rendered 30% tighter, off-centre or 1:1.4: the joint region's grey levels stay
+    within 3/255 on average (whole-frame statistics moved them by 24, 7 and 14)."""
+    from klgrade.data.site_shift import apply_shift
+
+    paths = sorted((real_data / "val").glob("*/*.png"))[3::29][:28]
+    for frame in ("zoom_in_30", "off_centre", "aspect_tall"):
+        shifts = [_box_grey_shift(read_image(p), apply_shift(read_image(p), frame, p.name)) for p in paths]
+        assert abs(np.mean(shifts)) < 3.0 and np.mean(np.abs(shifts)) < 4.0, (frame, np.round(shifts, 1))

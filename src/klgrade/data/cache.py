@@ -14,8 +14,9 @@ from tqdm import tqdm
 
 from klgrade.data.images import load_view
 
-CACHE_VERSION = 4  # 2: canonical view replaced the centre crop; 3: faint joint lines accepted;
-# 4: joint-line dominance measured against rows beyond the line's own filter reach
+CACHE_VERSION = 5  # 2: canonical view replaced the centre crop; 3: faint joint lines accepted;
+# 4: joint-line dominance measured against rows beyond the line's own filter reach;
+# 5: intensity statistics from the joint-centred STATS_BOX instead of the whole frame
 
 
 def _cache_key(paths: Sequence[Path], size: int) -> str:
