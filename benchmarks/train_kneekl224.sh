@@ -10,7 +10,8 @@
 #
 # Re-running resumes unfinished runs (klgrade train --resume) and skips finished ones.
 # Env: PRESET, MODELS, IMG, EPOCHS, BATCH, LR_<model>, DEVICE, WORKERS, SEED, SUBSET (images per
-# split and grade, for a quick check), WORK (default benchmarks/work/kneekl224), SRC, OUT_JSON.
+# split and grade, for a quick check), CONFIG (a klgrade train --config YAML, e.g.
+# benchmarks/configs/site_shift_light.yaml), WORK (default benchmarks/work/kneekl224), SRC, OUT_JSON.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +28,7 @@ DEVICE=${DEVICE:-auto}
 WORKERS=${WORKERS:-0}
 SEED=${SEED:-0}
 SUBSET=${SUBSET:-}
+CONFIG=${CONFIG:-}
 WORK=${WORK:-benchmarks/work/kneekl224${SUBSET:+_subset$SUBSET}}
 OUT_JSON=${OUT_JSON:-benchmarks/results/train_kneekl224_${PRESET}${SUBSET:+_subset$SUBSET}.json}
 DATA="$WORK/data"
@@ -64,7 +66,7 @@ for m in $MODELS; do
     echo "== $m: training into $run"
     /usr/bin/time -f "%e s wall" "${KL[@]}" train --data "$DATA" --model "$m" --weights none \
       --img-size "$IMG" --epochs "$EPOCHS" --batch-size "$BATCH" --lr "$lr" --seed "$SEED" \
-      --device "$DEVICE" --workers "$WORKERS" --tta flip "${extra[@]}" --out "$run"
+      --device "$DEVICE" --workers "$WORKERS" --tta flip "${extra[@]}" ${CONFIG:+--config "$CONFIG"} --out "$run"
   fi
 done
 
