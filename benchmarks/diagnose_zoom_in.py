@@ -1,5 +1,7 @@
 """Why does a 30% tighter framing raise the grades? Separates localisation, magnification/edges and
 intensity standardisation, on kneeKL224 val knees graded by a trained run (see docs/robustness.md).
+Measured with view version 4 (whole-frame intensity statistics); from version 5 on, the statistics
+come from a joint-centred box, so "view cut before standardising" should match "clean" (the fix).
 
     .venv/bin/python benchmarks/diagnose_zoom_in.py --run results/study_kneekl224/runs/resnet18 \
         --data results/study_kneekl224/data --split test --n 300
