@@ -9,9 +9,10 @@ STAMP  := $(VENV)/.klgrade-installed
 $(STAMP): pyproject.toml constraints.txt
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=python3 to use another 3.11+)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	PIP_NO_CACHE_DIR=1 $(BIN)/pip install -q --upgrade pip
 	# torch/torchvision are pinned by constraints.txt so pip never resolves another build
-	$(BIN)/pip install -c constraints.txt -e ".[all,dev]"
+	# no wheel cache: the CUDA build of torch is ~6 GB installed, a cached copy would double it
+	PIP_NO_CACHE_DIR=1 $(BIN)/pip install -c constraints.txt -e ".[all,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
