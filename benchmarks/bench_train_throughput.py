@@ -11,6 +11,7 @@ median over rounds. Writes benchmarks/results/train_throughput_<device>_<model>_
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -54,8 +55,7 @@ def main() -> None:
     import torch
 
     from klgrade.config import TrainConfig
-    from klgrade.data.dataset import views_to_tensor
-    from klgrade.train.inference import forward_probs
+    from klgrade.train.inference import forward_probs, predict_batches
     from klgrade.train.loop import Trainer
 
     torch.set_num_threads(args.threads)
@@ -108,24 +108,21 @@ def main() -> None:
             yield from loader
 
     def real_eval() -> float:
-        model.eval()
-        n, it = 0, batches()
+        # the evaluation code itself (klgrade evaluate / the loop's validation), on `steps` batches
         sync()
         t = time.perf_counter()
-        for _ in range(args.steps):
-            views, _, _ = next(it)
-            x = views_to_tensor(views, tr.built.mean, tr.built.std, dev, tr.channels_last)
-            forward_probs(model, x, "none", tr.amp_dtype).cpu()
-            n += len(views)
+        predict_batches(model, itertools.islice(batches(), args.steps), tr.built.mean, tr.built.std,
+                        dev, "none", tr.amp_dtype, tr.channels_last, n=len(tr.data.df))
         sync()
-        return n / (time.perf_counter() - t)
+        return args.steps * b / (time.perf_counter() - t)
 
+    @torch.no_grad()
     def random_eval() -> float:
         model.eval()
         sync()
         t = time.perf_counter()
-        for _ in range(args.steps):
-            forward_probs(model, xr, "none", tr.amp_dtype).cpu()
+        out = [forward_probs(model, xr, "none", tr.amp_dtype) for _ in range(args.steps)]
+        torch.cat(out).cpu()
         sync()
         return args.steps * b / (time.perf_counter() - t)
 

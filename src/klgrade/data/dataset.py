@@ -81,6 +81,19 @@ def make_loader(dataset: ViewBatches, batch_size: int, shuffle: bool, seed: int 
                       prefetch_factor=4 if workers > 0 else None)
 
 
+def to_device(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A small CPU tensor (augmentation parameters, indices) onto ``like``'s device, floats in its
+    dtype, without making the CPU wait for the GPU. A copy from pageable memory first waits for
+    every kernel queued on the stream, so a few per batch serialised data preparation with the
+    model step (H100, ResNet18 224 px: training 0.31x the images/s of the bare step); a copy from
+    pinned memory with ``non_blocking`` is queued like a kernel."""
+    if t.is_floating_point() and t.dtype != like.dtype:
+        t = t.to(like.dtype)
+    if like.device.type != "cuda":
+        return t.to(like.device)
+    return t.pin_memory().to(like.device, non_blocking=True)
+
+
 def set_epoch(loader: DataLoader, epoch: int) -> None:
     base = getattr(loader.sampler, "sampler", None)
     if isinstance(base, DistributedSampler):
@@ -92,8 +105,8 @@ def normalize(x01: torch.Tensor, mean: Sequence[float], std: Sequence[float],
     """(B,1,S,S) gray in [0,1] -> (B,3,S,S) replicated and normalised per channel with the
     weights' pretrained mean/std (see klgrade.models.cnn for why replicate). ``channels_last``:
     written straight into that layout (one pass instead of normalise + copy)."""
-    m = torch.tensor(mean, device=x01.device, dtype=x01.dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=x01.device, dtype=x01.dtype).view(1, -1, 1, 1)
+    m = to_device(torch.tensor(mean, dtype=x01.dtype), x01).view(1, -1, 1, 1)
+    s = to_device(torch.tensor(std, dtype=x01.dtype), x01).view(1, -1, 1, 1)
     if not channels_last:
         return (x01 - m) / s
     b, _, h, w = x01.shape
@@ -163,14 +176,14 @@ class Augment:
         """The jitter of :meth:`jitter_theta`, after the site-shift framing when that is on, in one
         bilinear resampling. 'border' continues the edge tissue instead of pasting black corners."""
         n, _, h, w = x.shape
-        theta = self.jitter_theta(n, g).to(x.device, x.dtype)
+        theta = to_device(self.jitter_theta(n, g), x)
         if self.site is None:
             grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         else:
             # output pixel -> site framing coords v (separable) -> jittered source coords
             vx, vy = self.site.framing_coords(n, h, w, g)
-            vx = vx.to(x.device, x.dtype).clamp(-1, 1).view(n, 1, w)
-            vy = vy.to(x.device, x.dtype).clamp(-1, 1).view(n, h, 1)
+            vx = to_device(vx, x).clamp(-1, 1).view(n, 1, w)
+            vy = to_device(vy, x).clamp(-1, 1).view(n, h, 1)
             a = theta.view(n, 2, 3, 1, 1)
             grid = torch.stack([a[:, 0, 0] * vx + a[:, 0, 1] * vy + a[:, 0, 2],
                                 a[:, 1, 0] * vx + a[:, 1, 1] * vy + a[:, 1, 2]], dim=-1)
@@ -181,9 +194,9 @@ class Augment:
         c = self.cfg
         n = x.shape[0]
         log_g = math.log1p(c.gamma)
-        gamma = torch.exp(self._uniform(n, -log_g, log_g, g)).view(n, 1, 1, 1).to(x.device, x.dtype)
-        contrast = self._uniform(n, 1 - c.contrast, 1 + c.contrast, g).view(n, 1, 1, 1).to(x.device, x.dtype)
-        bright = self._uniform(n, -c.brightness, c.brightness, g).view(n, 1, 1, 1).to(x.device, x.dtype)
+        gamma = to_device(torch.exp(self._uniform(n, -log_g, log_g, g)).view(n, 1, 1, 1), x)
+        contrast = to_device(self._uniform(n, 1 - c.contrast, 1 + c.contrast, g).view(n, 1, 1, 1), x)
+        bright = to_device(self._uniform(n, -c.brightness, c.brightness, g).view(n, 1, 1, 1), x)
         x = x.clamp(0, 1).pow(gamma)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         return ((x - mean) * contrast + mean + bright).clamp(0, 1)

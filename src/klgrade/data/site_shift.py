@@ -167,6 +167,13 @@ def write_shifted(src: str | Path, name: str, dst: str | Path, key: str | None =
 # --------------------------------------------------------------------------- training augmentation
 
 
+def to_device(t, like):
+    """klgrade.data.dataset.to_device, imported late: the evaluation shifts above need no torch."""
+    from klgrade.data.dataset import to_device as move
+
+    return move(t, like)
+
+
 class SiteShiftAugment:
     """Random site shifts of a batch of canonical views (B,1,S,S) float in [0,1], on their device.
 
@@ -208,7 +215,7 @@ class SiteShiftAugment:
             return x
         if len(idx) == len(on):
             return fn(x, idx)
-        didx = idx.to(x.device)
+        didx = to_device(idx, x)
         return x.index_copy(0, didx, fn(x.index_select(0, didx), idx))
 
     def framing_coords(self, n: int, h: int, w: int, g):
@@ -242,8 +249,8 @@ class SiteShiftAugment:
 
         n, _, h, w = x.shape
         vx, vy = self.framing_coords(n, h, w, g)
-        vx = vx.to(x.device, x.dtype).view(n, 1, w, 1).expand(n, h, w, 1)
-        vy = vy.to(x.device, x.dtype).view(n, h, 1, 1).expand(n, h, w, 1)
+        vx = to_device(vx, x).view(n, 1, w, 1).expand(n, h, w, 1)
+        vy = to_device(vy, x).view(n, h, 1, 1).expand(n, h, w, 1)
         grid = torch.cat([vx, vy], dim=-1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
@@ -255,10 +262,10 @@ class SiteShiftAugment:
         lg = math.log(c.gamma)
         gamma = torch.where(on, torch.exp(self._u(n, -lg, lg, g)), torch.ones(n)).view(n, 1, 1, 1)
         k = torch.where(on, self._u(n, -c.contrast, c.contrast, g), torch.zeros(n)).view(n, 1, 1, 1)
-        gamma, k = gamma.to(x.device, x.dtype), k.to(x.device, x.dtype)
+        gamma, k = to_device(gamma, x), to_device(k, x)
 
         def fn(xs, idx):
-            d = idx.to(x.device)
+            d = to_device(idx, x)
             xs = xs.clamp(0, 1).pow(gamma[d])
             # S-curve (k>0) or flattening (k<0) around mid-grey, endpoints fixed: x + k x(1-x)(2x-1)
             return (xs - k[d] * xs * (1 - xs) * (1 - 2 * xs)).clamp(0, 1)
@@ -279,7 +286,7 @@ class SiteShiftAugment:
         def fn(xs, idx):
             m = len(idx)
             k = torch.exp(-0.5 * (ax[None] / sig[idx].clamp_min(1e-3)[:, None]) ** 2)
-            k = (k / k.sum(1, keepdim=True)).to(x.device, x.dtype)  # (m, K)
+            k = to_device(k / k.sum(1, keepdim=True), x)  # (m, K)
             y = F.pad(xs.transpose(0, 1), (r, r, r, r), mode="replicate")  # (1,m,H,W): a group per image
             y = F.conv2d(y, k.view(m, 1, 1, -1), groups=m)
             y = F.conv2d(y, k.view(m, 1, -1, 1), groups=m)
@@ -302,9 +309,9 @@ class SiteShiftAugment:
         cols = torch.arange(w, device=x.device, dtype=x.dtype).view(1, 1, 1, w)
 
         def fn(xs, idx):
-            f = F.interpolate(field[idx].to(x.device, x.dtype), size=(h, w), mode="bicubic", align_corners=False)
-            lines = torch.sin(2 * math.pi * cols / period[idx].to(x.device, x.dtype))
-            return xs * (1 + amp[idx].to(x.device, x.dtype) * (0.5 * f + 0.25 * lines))
+            f = F.interpolate(to_device(field[idx], x), size=(h, w), mode="bicubic", align_corners=False)
+            lines = torch.sin(2 * math.pi * cols / to_device(period[idx], x))
+            return xs * (1 + to_device(amp[idx], x) * (0.5 * f + 0.25 * lines))
         return self._apply(x, on, fn)
 
     def noise(self, x, g):
@@ -314,11 +321,11 @@ class SiteShiftAugment:
         on = self._on(n, c.p_noise, g)
         if not on.any():
             return x
-        sig = self._u(n, 0, c.noise, g).view(n, 1, 1, 1).to(x.device, x.dtype)
+        sig = to_device(self._u(n, 0, c.noise, g).view(n, 1, 1, 1), x)
         # a device generator seeded from the CPU one: reproducible, and no full-size CPU->GPU copy
         dev_gen = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
 
         def fn(xs, idx):
             eps = torch.randn(xs.shape, generator=dev_gen, device=x.device, dtype=x.dtype)
-            return xs + sig[idx.to(x.device)] * torch.sqrt(0.25 + xs.clamp(0, 1)) * eps
+            return xs + sig[to_device(idx, x)] * torch.sqrt(0.25 + xs.clamp(0, 1)) * eps
         return self._apply(x, on, fn)

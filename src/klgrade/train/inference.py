@@ -152,12 +152,14 @@ def predict_batches(model: torch.nn.Module, batches: Iterable, mean, std, device
     chunks, positions = [], []
     for views, _, pos in tqdm(batches, disable=not progress, desc=desc, unit="batch", leave=False):
         x = views_to_tensor(views, mean, std, device, channels_last=channels_last)
-        chunks.append(forward_probs(model, x, tta, amp_dtype).cpu())
+        # kept on the device until the end: a .cpu() per batch would make the CPU wait for each
+        # forward instead of reading the next batch meanwhile
+        chunks.append(forward_probs(model, x, tta, amp_dtype))
         positions.append(pos)
     model.train(was_training)
     if not chunks:
         return np.zeros((0, 5))
-    probs = torch.cat(chunks).double().numpy()
+    probs = torch.cat(chunks).cpu().double().numpy()
     pos = torch.cat(positions).numpy()
     out = np.zeros((n if n is not None else len(pos), probs.shape[1]))
     out[pos] = probs
