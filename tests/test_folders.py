@@ -100,4 +100,6 @@ def test_real_kneekl224_ingest(real_data, tmp_path):
     assert df["patient_id"].nunique() == 3302
     assert (df.groupby("patient_id")["split"].nunique() == 1).all()
     assert df[df["split"] == "train"]["klg"].value_counts().sort_index().tolist() == [2286, 1046, 1516, 757, 173]
-    assert not (out / "rejects.csv").read_text().strip().split("\n")[1:]
+    # no image is rejected; the dataset's own notes (SOURCE.md) are listed, as every stray file is
+    rejected = (out / "rejects.csv").read_text().strip().split("\n")[1:]
+    assert all(",not an image file outside" in r for r in rejected)

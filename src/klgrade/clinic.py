@@ -248,6 +248,8 @@ def knees_from_file(path: str | Path, img_size: int, display: str | None = None)
     right and the left knee; anything else one knee, whose side comes from the DICOM's
     (Image)Laterality when present. Raises ClinicError naming ``display`` (default: the path).
     """
+    import cv2
+
     from klgrade.data.canonical import is_bilateral
     from klgrade.data.dicom import DicomError, radiograph_from_dataset, read_dataset
     from klgrade.data.images import ImageReadError, is_dicom, read_image
@@ -281,7 +283,7 @@ def knees_from_file(path: str | Path, img_size: int, display: str | None = None)
         if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
             img = np.ascontiguousarray(img[:, ::-1])
         return "unilateral", [_knee(img, spacing, side, img_size, False, factor)]
-    except (ValueError, ArithmeticError) as e:  # degenerate images (e.g. flat, tiny) the view refuses
+    except (ValueError, ArithmeticError, IndexError, cv2.error) as e:  # degenerate images (flat, tiny)
         raise ClinicError(f"{name}: cannot make a knee view ({type(e).__name__}: {e})") from e
 
 
@@ -298,11 +300,14 @@ def reduce_for_view(img: np.ndarray, spacing, img_size: int) -> tuple[np.ndarray
     import cv2
 
     from klgrade.data.canonical import FOV_MM
+    from klgrade.data.images import MIN_SIDE
 
     if spacing is None:
         return img, spacing, 1
     sy, sx = (float(spacing), float(spacing)) if np.isscalar(spacing) else (float(spacing[0]), float(spacing[1]))
     factor = int(FOV_MM / img_size / (VIEW_OVERSAMPLE * max(sy, sx)))
+    # never below the smallest usable image (a tiny film with a fine spacing would reduce to 0 px)
+    factor = min(factor, min(img.shape[:2]) // MIN_SIDE)
     if factor < 2:
         return img, spacing, 1
     h, w = img.shape[0] // factor, img.shape[1] // factor

@@ -32,6 +32,61 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+# Scratch files and folders of klgrade processes are named "klgrade-<kind>.<pid>.<host>.<...>", so a
+# file left by a killed process (SIGKILL runs no cleanup) is recognisable and can be swept later.
+TMP_PREFIX = "klgrade-"
+STALE_AFTER_S = 7 * 24 * 3600  # other machines' leftovers (a shared folder): swept after a week
+
+
+def _host_tag() -> str:
+    import hashlib
+    import socket
+
+    return hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def scratch_prefix(kind: str) -> str:
+    """Prefix for a scratch file or folder of this process, e.g. ``klgrade-upload.1234.ab12cd34.``."""
+    return f"{TMP_PREFIX}{kind}.{os.getpid()}.{_host_tag()}."
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale(folder: str | os.PathLike, kind: str) -> int:
+    """Remove ``kind`` scratch files/folders in ``folder`` left by processes that no longer run (on this
+    machine) or older than STALE_AFTER_S (another machine's); return how many were removed."""
+    import shutil
+    import time
+
+    host, removed = _host_tag(), 0
+    try:
+        entries = list(Path(folder).glob(f"{TMP_PREFIX}{kind}.*"))
+    except OSError:
+        return 0
+    for p in entries:
+        parts = p.name[len(TMP_PREFIX) + len(kind) + 1:].split(".")
+        try:
+            pid, tag = int(parts[0]), parts[1]
+            stale = (not _alive(pid)) if tag == host else time.time() - p.lstat().st_mtime > STALE_AFTER_S
+        except (IndexError, ValueError, OSError):
+            continue
+        if stale and pid != os.getpid():
+            try:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+                removed += 1
+            except OSError:
+                pass  # another sweeper got there first, or not ours to remove
+    return removed
+
+
 def write_text(path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from klgrade import io
 from klgrade.evaluate.metrics import N_GRADES, compute_metrics
@@ -70,7 +71,17 @@ def read_config(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise RunError(f"{run_dir}: not a klgrade run (no config.yaml)")
-    return io.read_yaml(path)
+    try:
+        cfg = io.read_yaml(path)
+    except (yaml.YAMLError, OSError, UnicodeDecodeError, ValueError) as e:
+        # safe_load refuses unsafe tags (!!python/object) as a ConstructorError: never executed
+        reason = " ".join(str(e).split())  # YAML errors span lines: keep the message to one
+        raise RunError(f"{path}: not valid YAML ({type(e).__name__}: {reason[:300]})") from e
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise RunError(f"{path}: expected a mapping of settings, found a {type(cfg).__name__}")
+    return cfg
 
 
 def run_name(run_dir: str | Path) -> str:

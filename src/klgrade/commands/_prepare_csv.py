@@ -13,16 +13,18 @@ def register(srcs) -> None:
     p.add_argument("table", help="CSV file")
     p.add_argument("--out", required=True, help="dataset dir to write (manifest.csv, rejects.csv)")
     p.add_argument("--root", default=None, help="folder that relative paths are relative to")
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset already in --out")
     add_split_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from klgrade.data.folders import finalize
-    from klgrade.data.manifest import summarize
+    from klgrade.data.manifest import refuse_existing, summarize
     from klgrade.data.splits import parse_fractions
     from klgrade.data.tables import ingest_csv
 
+    refuse_existing(args.out, args.overwrite)  # before any work: never replace a dataset silently
     result = ingest_csv(args.table, args.out, root=args.root)
     df = finalize(result, args.out, parse_fractions(args.split), args.seed, args.resplit)
     print(f"wrote {args.out}/manifest.csv: {len(df)} images, {df['patient_id'].nunique()} patients")

@@ -15,16 +15,18 @@ def register(srcs) -> None:
     p.add_argument("--copy", action="store_true", help="copy images into DIR/images instead of referencing")
     p.add_argument("--workers", type=int, default=4, help="threads for checking images (default 4)")
     p.add_argument("--source", default=None, help="value of the manifest's source column (default: folder name)")
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset already in --out")
     add_split_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from klgrade.data.folders import finalize, ingest_folders
-    from klgrade.data.manifest import summarize
+    from klgrade.data.manifest import refuse_existing, summarize
     from klgrade.data.splits import parse_fractions
 
     fractions = parse_fractions(args.split)
+    refuse_existing(args.out, args.overwrite)  # before any work: never replace a dataset silently
     result = ingest_folders(args.root, args.out, copy=args.copy, workers=args.workers, source=args.source)
     df = finalize(result, args.out, fractions, args.seed, args.resplit)
     print(f"wrote {args.out}/manifest.csv: {len(df)} images, {df['patient_id'].nunique()} patients")

@@ -5,6 +5,10 @@
 
 Writes predictions_<split>.csv and metrics_<split>.json into the run (or --out). Works for CNN runs
 and for embedding-head runs (config.yaml ``kind: head``), which klgrade.models.heads evaluates.
+Existing results are never replaced silently: re-evaluating a run on its own dataset refreshes its
+own files, anything else that would replace a predictions file needs --overwrite (another dataset's
+predictions written into the run dir would otherwise be taken by `compare` as the run's own).
+Every image must be readable: an unreadable one is reported (file and reason) and nothing is written.
 """
 from __future__ import annotations
 
@@ -20,6 +24,8 @@ def register(sub) -> None:
     p.add_argument("--tta", choices=["none", "flip"], default=None,
                    help="test-time augmentation (default: the run's setting)")
     p.add_argument("--out", help="write here instead of into the run dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace existing predictions/metrics of this split (see above)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=0, help="data loader processes")
@@ -36,15 +42,10 @@ def run(args) -> int:
     cfg = read_config(args.run)
     data = run_dataset(args.run, args.data)
     out = Path(args.out) if args.out else Path(args.run)
+    _refuse_overwrite(args, cfg, data, out)
     kind = cfg.get("kind", "cnn")
     if kind == "head":
-        try:
-            from klgrade.models.heads import evaluate_head_run
-        except ImportError as e:
-            raise UserError(f"{args.run} is an embedding-head run, but klgrade.models.heads is not "
-                            f"available to evaluate it ({e})") from e
-        kwargs = {"out_dir": out} if args.out else {}
-        metrics = evaluate_head_run(args.run, data, args.split, **kwargs)
+        metrics = _evaluate_head(args, data, out)
     elif kind == "cnn":
         metrics = evaluate_cnn_run(args.run, data, args.split, out, tta=args.tta, device=args.device,
                                    batch_size=args.batch_size, workers=args.workers,
@@ -56,6 +57,42 @@ def run(args) -> int:
               f"accuracy {metrics['accuracy']:.4f}  F1 per grade {[round(f, 3) for f in metrics['f1']]}")
     print(f"wrote {out}/predictions_{args.split}.csv and metrics_{args.split}.json")
     return 0
+
+
+def _same_path(a, b) -> bool:
+    from pathlib import Path
+
+    return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+
+
+def _refuse_overwrite(args, cfg: dict, data: str, out) -> None:
+    """Refuse to replace an existing predictions file unless it is the run's own evaluation on its
+    own dataset (what train wrote and evaluate refreshes) or --overwrite was given."""
+    from klgrade.cli import UserError
+
+    target = out / f"predictions_{args.split}.csv"
+    if args.overwrite or not target.exists():
+        return
+    own = _same_path(out, args.run) and _same_path(data, cfg.get("data"))
+    if not own:
+        where = "the run's own" if _same_path(out, args.run) else "existing"
+        raise UserError(f"{target}: would replace {where} predictions with those on {data}; "
+                        f"pass --out DIR to write elsewhere, or --overwrite to replace them")
+
+
+def _evaluate_head(args, data: str, out) -> dict:
+    """An embedding-head run: its images go through the embedding store, not the decode cache, and
+    its head has no flip TTA, so those options are refused rather than ignored."""
+    from klgrade.cli import UserError
+    from klgrade.models.heads import evaluate_head_run
+
+    if args.tta == "flip":
+        raise UserError(f"{args.run}: --tta flip is not available for embedding-head runs (use --tta none)")
+    if args.cache_dir:
+        raise UserError(f"{args.run}: --cache-dir does not apply to embedding-head runs (their vectors "
+                        f"are stored under --out/embeddings); leave it out")
+    return evaluate_head_run(args.run, data, args.split, out=out if args.out else None,
+                             batch_size=args.batch_size, device=args.device, workers=args.workers)
 
 
 def evaluate_cnn_run(run_dir, data, split: str, out_dir, tta: str | None = None, device: str = "auto",

@@ -20,6 +20,8 @@ def register(sub) -> None:
     p.add_argument("files", nargs="+", metavar="FILE", help="DICOM, PNG or JPEG files")
     p.add_argument("--run", required=True, help="run dir (CNN or embedding-head run)")
     p.add_argument("--heatmaps", metavar="DIR", help="write Grad-CAM overlay PNGs here")
+    p.add_argument("--dicom-out", metavar="DIR",
+                   help="DICOM inputs: also write the DICOM SR + Secondary Capture `klgrade pacs` stores (docs/pacs.md)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--tta", choices=["none", "flip"], default=None,
                    help="test-time augmentation (default: the run's setting)")
@@ -29,6 +31,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import json
+    import logging
     import sys
     from pathlib import Path
 
@@ -37,13 +40,22 @@ def run(args) -> int:
 
     grader = Grader.from_run(args.run, device=args.device, tta=args.tta)
     heat_dir = Path(args.heatmaps) if args.heatmaps else None
+    dicom_dir = Path(args.dicom_out) if args.dicom_out else None
+    model = _model_info(grader) if dicom_dir is not None else None
     results, errors, used_names = [], [], set()
     for f in args.files:
         try:
-            res = grader.predict_file(f, heatmaps=heat_dir is not None)
-        except ClinicError as e:
-            errors.append({"file": str(f), "error": str(e)})
-            print(f"klgrade predict: error: {e}", file=sys.stderr)
+            if dicom_dir is not None:  # the same grades, plus the SR + SC a PACS would get
+                res = _dicom_out(grader, f, dicom_dir, model, keep_heatmaps=heat_dir is not None)
+            else:
+                res = grader.predict_file(f, heatmaps=heat_dir is not None)
+        except Exception as e:  # noqa: BLE001 - one bad file never loses the rest of the batch
+            msg = str(e)
+            if not isinstance(e, ClinicError):
+                logging.getLogger("klgrade.predict").debug("unexpected failure on %s", f, exc_info=True)
+                msg = f"{f}: cannot be graded ({type(e).__name__}: {e})"
+            errors.append({"file": str(f), "error": msg})
+            print(f"klgrade predict: error: {msg}", file=sys.stderr)
             continue
         for k in res["knees"]:
             png = k.pop("_heatmap_png", None)
@@ -94,3 +106,24 @@ def _print_table(results: list[dict]) -> None:
             print(line)
             if k.get("note"):
                 print(f"           note: {k['note']}")
+
+
+def _model_info(grader):
+    from klgrade.pacs.grading import model_info
+
+    return model_info(grader)
+
+
+def _dicom_out(grader, f, out_dir, model, keep_heatmaps: bool) -> dict:
+    """Grade through klgrade.pacs (Grader.knees + Grader.grade, as predict_file) and write the SR
+    (+ SC); a film with nothing gradable still gets its "not graded" SR, then counts as an error."""
+    from klgrade.clinic import ClinicError
+    from klgrade.pacs.results import write_local
+
+    res, written = write_local(grader, f, out_dir, model)
+    if res.reason:
+        raise ClinicError(f"{f}: not graded: {res.reason} (SR written: {written[-1]})")
+    for k in res.knees:
+        if not keep_heatmaps:
+            k.pop("_heatmap_png", None)
+    return {"layout": res.layout, "knees": res.knees, "dicom": [str(p) for p in written]}

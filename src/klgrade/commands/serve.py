@@ -21,6 +21,9 @@ def register(sub) -> None:
     p.add_argument("--run", required=True, help="run dir (CNN or embedding-head run)")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--allowed-hosts", default=None, metavar="H1,H2",
+                   help="Host header values to answer, comma-separated ('*' for any); default localhost, "
+                        "127.0.0.1, ::1 and --host. Others get 400 (defeats DNS rebinding)")
     p.add_argument("--max-upload-mb", type=float, default=50.0, help="largest accepted upload (default 50 MB)")
     p.add_argument("--tta", choices=["none", "flip"], default=None,
                    help="test-time augmentation (default: the run's setting)")
@@ -36,14 +39,19 @@ def run(args) -> int:
     import uvicorn
 
     from klgrade.cli import UserError
-    from klgrade.serve.app import create_app
+    from klgrade.serve.app import DEFAULT_ALLOWED_HOSTS, create_app
 
     if args.max_upload_mb <= 0:
         raise UserError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
     if not 0 < args.port < 65536:
         raise UserError(f"--port must be 1-65535, got {args.port}")
+    hosts = [h.strip() for h in (args.allowed_hosts or "").split(",") if h.strip()]
+    if args.allowed_hosts is None:
+        hosts = list(DEFAULT_ALLOWED_HOSTS) + ([args.host] if args.host not in ("0.0.0.0", "::") else [])
+    if not hosts:
+        raise UserError("--allowed-hosts names no host")
     app = create_app(args.run, device=args.device, tta=args.tta, max_upload_mb=args.max_upload_mb,
-                     heatmaps=not args.no_heatmaps)
+                     heatmaps=not args.no_heatmaps, allowed_hosts=hosts)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("klgrade.serve").warning(
             "listening on %s: reachable from other machines, with no authentication or TLS", args.host)

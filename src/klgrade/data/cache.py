@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from klgrade import io
 from klgrade.data.images import load_view
+from klgrade.data.manifest import ManifestError
 
 CACHE_VERSION = 5  # 2: canonical view replaced the centre crop; 3: faint joint lines accepted;
 # 4: joint-line dominance measured against rows beyond the line's own filter reach;
@@ -45,19 +47,36 @@ def cached_views(paths: Sequence[str | Path], size: int, cache_dir: str | Path |
     target = cache_dir / f"views_{size}px_{_cache_key(paths, size)}.npy"
     if target.is_file():
         return np.load(target, mmap_mode="r")
-    tmp = target.with_suffix(f".{os.getpid()}.tmp")
+    io.sweep_stale(cache_dir, "views")  # builds killed with SIGKILL leave GBs behind
+    tmp = cache_dir / f"{io.scratch_prefix('views')}{target.stem}.tmp"
     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+    failures: dict[int, str] = {}
     try:
         def work(i: int) -> None:
-            arr[i] = load_view(paths[i], size)
+            try:
+                arr[i] = load_view(paths[i], size)
+            except Exception as e:  # noqa: BLE001 - every unreadable file is listed, not just the first
+                failures[i] = str(e).removeprefix(f"{paths[i]}: ") or type(e).__name__
 
         n_threads = workers if workers > 0 else min(4, os.cpu_count() or 1)
         with ThreadPoolExecutor(n_threads) as pool:
             list(tqdm(pool.map(work, range(len(paths))), total=len(paths), disable=not progress,
                       desc=f"caching {size}px views", unit="img"))
+        if failures:
+            raise ManifestError(_unreadable(paths, failures))
         arr.flush()
         os.replace(tmp, target)  # the open map stays valid on POSIX; callers get a fresh read-only one
     finally:
         if tmp.exists():
             tmp.unlink()
     return np.load(target, mmap_mode="r")
+
+
+def _unreadable(paths: Sequence[Path], failures: dict[int, str]) -> str:
+    """One line: how many images cannot be read, the first few with their reasons, and the fix.
+    A dataset with an unreadable image is refused as a whole (metrics on a silently smaller set
+    would not compare with other runs'), as read_manifest refuses a missing file."""
+    first = "; ".join(f"{paths[i]}: {failures[i]}" for i in sorted(failures)[:3])
+    more = f" (+{len(failures) - 3} more)" if len(failures) > 3 else ""
+    return (f"{len(failures)} of {len(paths)} image(s) cannot be read: {first}{more}; remove them from "
+            "the manifest (klgrade prepare lists such files in rejects.csv)")

@@ -61,13 +61,13 @@ class Radiograph:
         return self.pixels.shape  # type: ignore[return-value]
 
 
-def read_dataset(path: str | Path, stop_before_pixels: bool = False):
+def read_dataset(path: str | Path, stop_before_pixels: bool = False, defer_size: int | None = None):
     """``pydicom.dcmread`` with every read failure turned into a DicomError naming the file."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels)
+        return pydicom.dcmread(str(path), stop_before_pixels=stop_before_pixels, defer_size=defer_size)
     except InvalidDicomError as e:
         raise DicomError(path, f"not a DICOM file ({e})") from e
     except FileNotFoundError:
@@ -101,9 +101,13 @@ def radiograph_from_dataset(ds, path: str | Path = "<dataset>", keep_values: boo
         raise DicomError(path, f"{kind} ({meta['transfer_syntax']}: {reason})") from e
     if arr.ndim != 2:
         raise DicomError(path, f"expected one 2-D grayscale frame, decoded array has shape {arr.shape}")
-    values = modality_lut(arr, ds)
-    # work in place unless the caller wants the modality values too (saves a 20 MB copy)
-    pixels, meta["voi"] = voi_to_unit(values if not keep_values else values.copy(), ds, inplace=True)
+    try:
+        values = modality_lut(arr, ds)
+        # work in place unless the caller wants the modality values too (saves a 20 MB copy)
+        pixels, meta["voi"] = voi_to_unit(values if not keep_values else values.copy(), ds, inplace=True)
+    except (ValueError, TypeError, AttributeError, IndexError, KeyError, OverflowError) as e:
+        # a malformed rescale, LUT or window attribute: the header, not the pixels, is broken
+        raise DicomError(path, f"unusable modality/VOI LUT or window in the header ({_short(e)})") from e
     if meta["photometric"] == "MONOCHROME1":
         # MONOCHROME1: low values are white; flip so bone is bright in every image we hand on.
         np.subtract(1.0, pixels, out=pixels)
@@ -144,6 +148,15 @@ def check_radiograph(ds, path, modalities=PROJECTION_MODALITIES) -> None:
     for tag in ("Rows", "Columns", "BitsStored"):
         if tag not in ds:
             raise DicomError(path, f"no {tag} in the header")
+    from klgrade.data.images import size_problem
+
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (TypeError, ValueError) as e:
+        raise DicomError(path, f"unreadable Rows/Columns in the header ({e})") from e
+    problem = size_problem(cols, rows)  # the same rule as PNG/JPEG, before decoding a pixel
+    if problem:
+        raise DicomError(path, problem)
 
 
 def technical_meta(ds) -> dict:

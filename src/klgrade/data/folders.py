@@ -12,7 +12,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from klgrade.data.images import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
-from klgrade.data.manifest import SPLITS, write_manifest, write_rejects
+from klgrade.data.manifest import REJECTS_NAME, SPLITS, ManifestError, write_manifest, write_rejects
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +38,28 @@ def parse_name(stem: str) -> tuple[str, str, bool]:
 
 
 def _scan(root: Path) -> tuple[list[tuple[Path, str, int]], list[dict]]:
-    """Find (file, split, grade) triples; anything outside the layout is a reject."""
+    """Find (file, split, grade) triples; anything else that is not hidden is a reject with a reason."""
+    from klgrade.data.oai_series import broken_link
+
     found, rejects = [], []
-    for f in sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+    for f in sorted(root.rglob("*")):
+        if f.name.startswith("."):
+            continue
+        link = broken_link(f)
+        if link:
+            rejects.append({"path": str(f), "reason": link})
+            continue
+        if not f.is_file():
+            continue
         parts = f.relative_to(root).parts
         if len(parts) == 3 and parts[0].lower() in SPLIT_ALIASES and parts[1].isdigit():
             split, grade = SPLIT_ALIASES[parts[0].lower()], int(parts[1])
         elif len(parts) == 2 and parts[0].isdigit():
             split, grade = "", int(parts[0])
         else:
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                rejects.append({"path": str(f), "reason": "not under <split>/<grade>/ or <grade>/"})
-            continue  # README files and the like are not images
+            kind = "image" if f.suffix.lower() in IMAGE_SUFFIXES else "not an image file"
+            rejects.append({"path": str(f), "reason": f"{kind} outside the <split>/<grade>/ or <grade>/ layout"})
+            continue
         if grade not in range(5):
             rejects.append({"path": str(f), "reason": f"grade folder '{parts[-2]}' is not a KL grade 0-4"})
             continue
@@ -58,13 +68,24 @@ def _scan(root: Path) -> tuple[list[tuple[Path, str, int]], list[dict]]:
 
 
 def _check(path: Path) -> str | None:
+    if not is_utf8_name(path):
+        return "file name is not valid UTF-8: rename the file (manifest.csv is UTF-8)"
     if path.suffix.lower() not in IMAGE_SUFFIXES and not is_dicom(path):
         return f"not an image file (suffix '{path.suffix}')"
     try:
         read_image(path)
-    except (ImageReadError, ValueError) as e:
+    except (ImageReadError, ValueError, OSError) as e:
         return str(e).removeprefix(f"{path}: ")
     return None
+
+
+def is_utf8_name(path: Path) -> bool:
+    """False for a name with bytes that are not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def ingest_folders(root: str | Path, out: str | Path, copy: bool = False, workers: int = 4,
@@ -99,6 +120,9 @@ def ingest_folders(root: str | Path, out: str | Path, copy: bool = False, worker
             path = str(f)
         rows.append({"image_id": f.stem, "rel": rel.with_suffix("").as_posix(), "path": path, "patient_id": patient, "visit": pd.NA,
                      "side": side, "klg": grade, "split": split, "source": source or root.name})
+    if not rows:
+        write_rejects(rejects, out)
+        raise ManifestError(f"{root}: no usable images ({len(rejects)} rejected; reasons in {out / REJECTS_NAME})")
     df = pd.DataFrame(rows)
     # equal file names in two folders stay distinct by keeping their folders in the id
     dups = df["image_id"].duplicated(keep=False)

@@ -6,16 +6,46 @@ used by training, evaluation, embedding and predict alike.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from struct import error as struct_error
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+# Smallest usable side, for every format alike: below it no joint can be located or cropped.
+MIN_SIDE = 16
+# Pixel budget: a radiograph is at most ~5k x 5k (25 MP); a header declaring more is refused
+# before decoding, since a 69-byte PNG can declare gigapixels. KLGRADE_MAX_PIXELS overrides it.
+DEFAULT_MAX_PIXELS = 50_000_000
+# Modes handed on as they are; any other (palette, CMYK, YCbCr, ...) is converted to RGB first.
+_DIRECT_MODES = {"1", "L", "LA", "I", "F", "RGB", "RGBA"}
 
 
 class ImageReadError(ValueError):
     """An image that cannot be used; the message names the file and the reason."""
+
+
+def max_pixels() -> int:
+    """The pixel budget (rows x columns) of one image: KLGRADE_MAX_PIXELS or DEFAULT_MAX_PIXELS."""
+    raw = os.environ.get("KLGRADE_MAX_PIXELS", "").strip()
+    try:
+        return int(float(raw)) if raw else DEFAULT_MAX_PIXELS
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """Why a ``width`` x ``height`` image cannot be used (too small, over the pixel budget), or None.
+    The one size rule for PNG/JPEG/TIFF and DICOM, checked on the header before any decoding."""
+    if min(width, height) < MIN_SIDE:
+        return f"image too small ({width}x{height} px; at least {MIN_SIDE} px a side)"
+    budget = max_pixels()
+    if width * height > budget:
+        return (f"image too large ({width}x{height} px = {width * height / 1e6:.0f} MP; the pixel budget is "
+                f"{budget / 1e6:g} MP, set KLGRADE_MAX_PIXELS to change it)")
+    return None
 
 
 def is_dicom(path: str | Path) -> bool:
@@ -43,10 +73,20 @@ def read_image(path: str | Path) -> np.ndarray:
         return read_radiograph(path).pixels
     try:
         with Image.open(path) as im:
+            problem = size_problem(*im.size)  # from the header: nothing decoded yet
+            if problem:
+                raise ImageReadError(f"{path}: {problem}")
+            if im.mode not in _DIRECT_MODES and not im.mode.startswith("I;16"):
+                im = im.convert("RGBA" if im.mode in ("PA", "RGBa", "La") else "RGB")
             im.load()
             arr = np.asarray(im)
             mode = im.mode
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # PIL's own guard, far above our budget
+        raise ImageReadError(f"{path}: image too large ({e})") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, MemoryError,
+            IndexError, TypeError, struct_error) as e:
+        if isinstance(e, ImageReadError):
+            raise
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
     return to_gray_float(arr, mode, path)
 
@@ -75,11 +115,12 @@ def to_gray_float(arr: np.ndarray, mode: str, path: str | Path = "<image>") -> n
     elif arr.dtype == bool:
         out = arr.astype(np.float32)
     else:
-        a = arr.astype(np.float32)
+        a = np.nan_to_num(arr.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
         lo, hi = float(a.min()), float(a.max())
         out = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
-    if min(out.shape) < 16:
-        raise ImageReadError(f"{path}: image too small ({out.shape[1]}x{out.shape[0]} px)")
+    problem = size_problem(out.shape[1], out.shape[0])
+    if problem:
+        raise ImageReadError(f"{path}: {problem}")
     return np.clip(out, 0.0, 1.0)
 
 

@@ -5,6 +5,7 @@ Columns: image_id, path, patient_id, visit, side, klg, split, source (+ optional
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -54,6 +55,8 @@ def read_manifest(dataset: str | Path, check_files: bool = True, check_leakage: 
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {missing}; required: {COLUMNS}")
+    if df.empty:
+        raise ManifestError(f"{path}: no images listed (a header and no rows)")
     problems = []
     klg = pd.to_numeric(df["klg"], errors="coerce")
     bad = df.index[klg.isna() | ~klg.isin([0, 1, 2, 3, 4])]
@@ -145,9 +148,26 @@ def write_rejects(rejects: list[dict] | pd.DataFrame, dataset_dir: str | Path) -
     for c in REJECT_COLUMNS:
         if c not in df.columns:
             df[c] = pd.Series(dtype=str)
+    # a file name that is not UTF-8 is shown with its bad bytes as \xNN escapes, never a crash
+    df["path"] = df["path"].map(printable_path)
     path = Path(dataset_dir) / REJECTS_NAME
     io.write_csv(path, df[REJECT_COLUMNS + [c for c in df.columns if c not in REJECT_COLUMNS]])
     return path
+
+
+def printable_path(p) -> str:
+    """``p`` as UTF-8-safe text: undecodable bytes of a file name (surrogate escapes) as \\xNN."""
+    if not isinstance(p, str | Path):
+        return p
+    return os.fsencode(str(p)).decode("utf-8", "backslashreplace")
+
+
+def refuse_existing(dataset_dir: str | Path, overwrite: bool) -> None:
+    """A prepare command never replaces a dataset silently: refuse an existing manifest.csv."""
+    path = Path(dataset_dir) / MANIFEST_NAME
+    if path.exists() and not overwrite:
+        raise ManifestError(f"{path}: already holds a dataset; choose another --out, or pass --overwrite "
+                            "to replace it")
 
 
 def summarize(df: pd.DataFrame) -> str:

@@ -232,123 +232,13 @@ def read_labels(paths, visits=None) -> Labels:
 
 # --------------------------------------------------------------------------- image tree
 
-KNEE_SERIES = "Bilateral PA Fixed Flexion Knee"
-# <V>.C.2 / <V>.E.1 release folders; their leading number is the visit (1 = V01 = 12 months).
-_RELEASE_DIR = re.compile(r"^(\d{1,2})\.[A-Z]\.\d+$")
-_MONTHS_DIR = re.compile(r"^(\d{1,3})m$")
-_PARTICIPANT = re.compile(r"^\d{7}$")
-
-
-def _norm(text) -> str:
-    return " ".join(str(text).split()).lower()
-
-
-def parse_oai_path(path: str | Path) -> tuple[str | None, int | None]:
-    """(participant id, visit months) from an OAI path such as
-    ``12m/1.E.1/9000099/20060713/01653203/001``; None where a part is not recognisable."""
-    parts = Path(path).parts
-    visit = pid = None
-    for i, part in enumerate(parts):
-        m = _MONTHS_DIR.match(part)
-        if m and int(m.group(1)) in MONTHS_VISIT:
-            visit = int(m.group(1))
-        m = _RELEASE_DIR.match(part)
-        if m:
-            code = f"V{int(m.group(1)):02d}"
-            if visit is None and code in VISIT_MONTHS:
-                visit = VISIT_MONTHS[code]
-            if i + 1 < len(parts) and _PARTICIPANT.match(parts[i + 1]):
-                pid = parts[i + 1]
-    if pid is None:
-        pid = next((p for p in parts if _PARTICIPANT.match(p)), None)
-    return pid, visit
-
-
-def _series_files(folder: Path) -> list[Path]:
-    if folder.is_file():
-        return [folder]
-    if not folder.is_dir():
-        return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-
-
-def series_from_contents(contents: list[str | Path], images: str | Path,
-                         description: str = KNEE_SERIES) -> tuple[pd.DataFrame, list[dict], dict]:
-    """Knee series listed in OAI ``contents.csv`` files. ``Folder`` is relative to the csv's folder
-    (a release dir like ``12m/``) or to ``images``. Returns (series, rejects, counts)."""
-    images = Path(images)
-    rows, rejects, counts = [], [], {"other_series": 0}
-    for c in contents:
-        c = Path(c)
-        if not c.is_file():
-            raise FileNotFoundError(f"{c}: no such contents file")
-        try:
-            df = pd.read_csv(c, dtype=str, keep_default_na=False)
-        except Exception as e:  # noqa: BLE001
-            raise LabelError(f"{c}: cannot be read as CSV ({type(e).__name__}: {e})") from e
-        cols = {col.strip().lower(): col for col in df.columns}
-        need = [k for k in ("folder", "seriesdescription") if k not in cols]
-        if need:
-            raise LabelError(f"{c}: missing column(s) {need} (have {list(df.columns)})")
-        want = _norm(description)
-        for r in df.to_dict("records"):
-            if _norm(r[cols["seriesdescription"]]) != want:
-                counts["other_series"] += 1
-                continue
-            folder = r[cols["folder"]].strip()
-            cand = [c.parent / folder, images / folder]
-            base = next((p for p in cand if p.exists()), cand[0])
-            pid, visit = parse_oai_path(base.relative_to(images) if base.is_relative_to(images) else base)
-            if "participantid" in cols and str(r[cols["participantid"]]).strip():
-                pid = str(r[cols["participantid"]]).strip()
-            if visit is None:
-                _, visit = parse_oai_path(c.parent.name + "/" + folder)
-            files = _series_files(base)
-            if not files:
-                rejects.append({"path": str(base), "reason": f"listed in {c.name} but not found",
-                                "patient_id": pid or "", "visit": visit, "side": ""})
-                continue
-            for f in files:
-                rows.append({"path": str(f), "patient_id": pid, "visit": visit, "found_by": "contents"})
-    return pd.DataFrame(rows, columns=["path", "patient_id", "visit", "found_by"]), rejects, counts
-
-
-def series_from_headers(images: str | Path, description: str = KNEE_SERIES,
-                        progress: bool = True) -> tuple[pd.DataFrame, list[dict], dict]:
-    """Walk ``images`` and keep DICOM files whose SeriesDescription is the knee series (header
-    only, no pixels). Unreadable candidates are rejects; other series are counted and skipped."""
-    from tqdm import tqdm
-
-    from klgrade.data.dicom import DicomError, read_dataset
-    from klgrade.data.images import is_dicom
-
-    images = Path(images)
-    if not images.is_dir():
-        raise FileNotFoundError(f"{images}: no such image folder")
-    files = sorted(p for p in images.rglob("*") if p.is_file() and not p.name.startswith(".")
-                   and (p.suffix == "" or p.suffix.lower() in (".dcm", ".dicom")))
-    rows, rejects, counts = [], [], {"other_series": 0, "not_dicom": 0}
-    want = _norm(description)
-    for f in tqdm(files, desc="scan headers", unit="file", disable=not progress):
-        pid, visit = parse_oai_path(f.relative_to(images))
-        if not is_dicom(f):
-            counts["not_dicom"] += 1
-            if pid is not None and visit is not None:  # in the OAI layout: a broken image file
-                rejects.append({"path": str(f), "reason": "not a DICOM file (no DICM preamble)",
-                                "patient_id": pid, "visit": visit, "side": ""})
-            continue
-        try:
-            ds = read_dataset(f, stop_before_pixels=True)
-        except DicomError as e:
-            rejects.append({"path": str(f), "reason": e.reason, "patient_id": pid or "", "visit": visit,
-                            "side": ""})
-            continue
-        if _norm(ds.get("SeriesDescription", "")) != want:
-            counts["other_series"] += 1
-            continue
-        rows.append({"path": str(f), "patient_id": pid, "visit": visit, "found_by": "header"})
-    return pd.DataFrame(rows, columns=["path", "patient_id", "visit", "found_by"]), rejects, counts
-
+# The tree walk lives in klgrade.data.oai_series; re-exported here, where callers look for it.
+from klgrade.data.oai_series import (  # noqa: E402, F401
+    KNEE_SERIES,
+    parse_oai_path,
+    series_from_contents,
+    series_from_headers,
+)
 
 # --------------------------------------------------------------------------- per-image work
 
@@ -411,7 +301,10 @@ def process_series(task: dict) -> dict:
     if rad.spacing_mm is None:
         return reject_all("no pixel spacing (neither ImagerPixelSpacing nor PixelSpacing): "
                           "cannot cut a crop of fixed size in mm")
-    locs = locate_bilateral(rad.pixels, rad.spacing_mm, min_confidence=params.min_confidence)
+    try:
+        locs = locate_bilateral(rad.pixels, rad.spacing_mm, min_confidence=params.min_confidence)
+    except Exception as e:  # noqa: BLE001 - an odd film is this film's reject, never the batch's end
+        return reject_all(f"knee joints not located ({type(e).__name__}: {e})")
     sy, sx = rad.spacing_mm
     for side in task["sides"]:
         loc = locs[side]

@@ -15,13 +15,21 @@ Routes:
 - ``GET /healthz``: ``{"status": "ok"}`` once the model is loaded.
 
 Privacy: the upload is written to a private temporary file under a fixed name and deleted after
-grading; its file name, DICOM header and path are never put in a response or a log line (errors
-call it "the uploaded file"). Requests are logged as method, path and status only.
+grading, in a ``finally`` (uploads left by a server killed mid-request are swept at the next start);
+its file name, DICOM header and path are never put in a response or a log line (errors call it
+"the uploaded file"). Requests are logged as method, path and status only.
+
+Hostile clients: only requests whose Host header names an allowed host are answered (400 otherwise),
+which defeats DNS rebinding against a server on localhost. At most ``max_decodes`` uploads are
+decoded at once (the others wait), so memory stays bounded by that many images at the pixel budget
+(klgrade.data.images.max_pixels) whatever the number of concurrent uploads.
 """
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -30,19 +38,26 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.body_limit import RequestBodyLimitMiddleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
+from klgrade import io
 from klgrade.clinic import ClinicError, Grader, data_url
 
 log = logging.getLogger(__name__)
 
 UPLOAD_NAME = "the uploaded file"
 DEFAULT_MAX_UPLOAD_MB = 50.0
+DEFAULT_ALLOWED_HOSTS = ("localhost", "127.0.0.1", "::1")
+DEFAULT_MAX_DECODES = 2
 
 
 def create_app(run_dir: str | Path | None = None, *, grader: Grader | None = None, device: str = "cpu",
                tta: str | None = None, max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
-               heatmaps: bool = True):
-    """A FastAPI app serving one run. Pass ``run_dir`` (loaded now, once) or a loaded ``grader``."""
+               heatmaps: bool = True, allowed_hosts=DEFAULT_ALLOWED_HOSTS,
+               max_decodes: int = DEFAULT_MAX_DECODES):
+    """A FastAPI app serving one run. Pass ``run_dir`` (loaded now, once) or a loaded ``grader``.
+    ``allowed_hosts``: Host header values answered (``["*"]`` for any); ``max_decodes``: uploads
+    decoded at once."""
     if grader is None:
         if run_dir is None:
             raise ValueError("create_app needs run_dir or grader")
@@ -61,6 +76,10 @@ def create_app(run_dir: str | Path | None = None, *, grader: Grader | None = Non
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=limit)
     # Added last = outermost: an oversized declared Content-Length is refused before any byte is read.
     app.add_middleware(ContentLengthLimit, max_body_size=limit, message=too_large)
+    # Outermost of all: a request for a host we do not serve (DNS rebinding) gets nothing else.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
+    decode_slots = threading.BoundedSemaphore(max(1, int(max_decodes)))
+    io.sweep_stale(tempfile.gettempdir(), "upload")  # uploads of a server killed mid-request
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):  # a clear JSON message for every HTTP error, 413 included
@@ -90,7 +109,8 @@ def create_app(run_dir: str | Path | None = None, *, grader: Grader | None = Non
     @app.post("/predict")
     def predict(file: UploadFile = File(..., description="a knee radiograph: DICOM, PNG or JPEG"),
                 heatmaps_q: bool = Query(True, alias="heatmaps")) -> dict:
-        with tempfile.TemporaryDirectory(prefix="klgrade-upload-") as tmp:
+        tmp = tempfile.mkdtemp(prefix=io.scratch_prefix("upload"))
+        try:
             path = Path(tmp) / "upload"
             with open(path, "wb") as f:
                 size = 0
@@ -100,10 +120,13 @@ def create_app(run_dir: str | Path | None = None, *, grader: Grader | None = Non
             if size == 0:
                 raise HTTPException(400, f"{UPLOAD_NAME} is empty")
             try:
-                res = grader.predict_file(path, heatmaps=heatmaps and heatmaps_q, display=UPLOAD_NAME,
-                                          include_view=True)
+                with decode_slots:
+                    res = grader.predict_file(path, heatmaps=heatmaps and heatmaps_q, display=UPLOAD_NAME,
+                                              include_view=True)
             except ClinicError as e:
                 raise HTTPException(400, str(e).replace(str(path), UPLOAD_NAME)) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the upload may hold patient data
         for k in res["knees"]:
             png = k.pop("_heatmap_png", None)
             if png is not None:
