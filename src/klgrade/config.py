@@ -148,6 +148,8 @@ def _coerce(value, tp, key: str, where: str):
         return value
     if tp is str and isinstance(value, str | int | float) and not isinstance(value, bool):
         return str(value)
+    if tp is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)  # lists of strings (e.g. a pretrain run's datasets)
     raise ConfigError(f"{where}: '{key}' must be {getattr(tp, '__name__', tp)}, got {value!r}")
 
 

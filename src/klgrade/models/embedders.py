@@ -137,7 +137,12 @@ def default_device() -> str:
 
 def build_embedder(backbone: str, weights: str = "auto", features: str = "proj", device: str | None = None,
                    seed: int = 0) -> Embedder:
-    """Build ``backbone``'s image tower with its preprocessing. See the module docstring for ``weights``."""
+    """Build ``backbone``'s image tower with its preprocessing. See the module docstring for ``weights``.
+    ``backbone`` may be a `klgrade pretrain` run dir: its model, with the run as its weights."""
+    from klgrade.pretrain.backbone import is_pretrain_run, resolve_backbone
+
+    if is_pretrain_run(backbone):
+        backbone, weights = resolve_backbone(backbone, str(weights))
     spec = get_spec(backbone)
     if spec.kind == "cnn" and spec.name not in REGISTRY and not _is_timm_name(backbone):
         from klgrade.models.registry import list_models
@@ -364,6 +369,8 @@ def _build_cnn(spec, weights: str, features: str) -> Embedder:
     built = build_model(spec.name, weights, num_classes=0)
     src = built.weights_source
     source = "random-init" if src["kind"] == "none" else f"{src['kind']}:{src['source']}"
+    if src["kind"] == "pretrain":  # name the pretrain run: stores and head runs record it
+        source = f"pretrain:{src['name']} ({src['method']}, epoch {src['epoch']}, {src['source']})"
     if "sha256" in src:
         source += f" (sha256 {src['sha256']})"
     return Embedder(backbone=spec.name, module=built.model, input_size=built.input_size, mean=built.mean,
