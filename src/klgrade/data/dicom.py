@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def read_dataset(path: str | Path, stop_before_pixels: bool = False, defer_size:
     except FileNotFoundError:
         raise
     except (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError,
-            struct.error) as e:
+            struct.error, zlib.error, OverflowError, MemoryError) as e:
         # pydicom signals a file cut short with EOFError/struct errors deep in the parser.
         raise DicomError(path, f"truncated or corrupt DICOM ({type(e).__name__}: {e})") from e
 
