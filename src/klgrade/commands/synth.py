@@ -2,7 +2,7 @@
 
 --format png   unilateral crops (canonical orientation) + manifest.csv with a patient-level split
 --format dicom an OAI-shaped tree of bilateral PA fixed-flexion DICOMs + contents.csv per release,
-               kxr_sq_buVV.txt KL label tables and truth.csv (joint centres, grades)
+               kxr_sq_buVV.txt KL label tables and truth.csv (joint centres, grades, true minimum JSW)
 """
 from __future__ import annotations
 

@@ -199,6 +199,55 @@ def oarsi_grades(klg: int, anatomy: dict) -> dict:
             "XRSCFM": max(0, sc - 1), "XRSCTM": sc, "XRATTM": att, "XRATTL": 0}
 
 
+# --------------------------------------------------------------------------- joint space
+
+# Where the true minimum JSW is taken: |x| in the leg frame (mm before scaling), between the
+# tibial spines and the marginal osteophytes (klgrade.measure measures 0.2-0.45 of the ~73 mm
+# plateau width).
+JSW_RANGE_MM = (14.6, 33.0)
+
+
+def _condyle_bottom(xr, f: dict, b: float, y0: float):
+    """Femoral margin (y down) over leg-frame columns ``xr``: two flat-bottomed condyle arcs."""
+    condyles = ((-19.0, 19.0, 0.38), (19.5, 20.0, 0.38 * f["condyle_flat"]))  # lateral, medial
+    bottom = None
+    for cx, a, expo in condyles:
+        tt = np.clip(1.0 - ((xr - cx) * (1.0 / a)) ** 2, 0, None)
+        arc = (y0 - b) + b * tt ** expo
+        bottom = arc if bottom is None else np.maximum(bottom, arc)
+    return bottom
+
+
+def _plateau_top(xt, anat: dict, f: dict, y0: float):
+    """Tibial margin (y down) over tibia-frame columns ``xt``, and the medial/lateral base gaps."""
+    s = float(anat["scale"])
+    jsw_m = max(0.3, anat["jsw_medial_mm"] - f["jsn_medial_mm"]) / s
+    jsw_l = max(0.5, anat["jsw_lateral_mm"] - f["jsn_lateral_mm"]) / s
+    side = expit(xt * (1.0 / 3.0))  # 0 lateral .. 1 medial
+    spine_h = float(anat["spine_height_mm"] + f["spine_peak_mm"])
+    spines = spine_h * (np.exp(-((xt + 4.5) * (1 / 3.4)) ** 2) + np.exp(-((xt - 4.0) * (1 / 3.4)) ** 2))
+    plateau = side * (0.8 * np.exp(-((xt - 20) * 0.1) ** 2) + f["attrition_mm"] * np.exp(-((xt - 22) * (1 / 12)) ** 2)) \
+        - (1 - side) * (0.6 * np.exp(-((xt + 20) * (1 / 12)) ** 2))
+    return (y0 + jsw_l) + (jsw_m - jsw_l) * side + plateau - spines, jsw_m, jsw_l
+
+
+def true_jsw(klg: int, anatomy: dict) -> dict:
+    """True minimum joint space width (mm) of a drawn knee, medial and lateral: the vertical gap
+    between the condyle and the (varus-rotated) plateau in the leg frame, over ``JSW_RANGE_MM``."""
+    f = knee_findings(klg, anatomy)
+    xt = np.linspace(-60.0, 60.0, 2401)
+    top, _, _ = _plateau_top(xt, anatomy, f, -2.5)
+    v = float(np.deg2rad(f["varus_deg"]))
+    xr_t, yr_t = np.cos(v) * xt + np.sin(v) * top, -np.sin(v) * xt + np.cos(v) * top  # tibia -> leg frame
+    xr = np.linspace(JSW_RANGE_MM[0], JSW_RANGE_MM[1], 226)
+    out = {}
+    for name, sgn in (("medial", 1.0), ("lateral", -1.0)):
+        x = sgn * xr
+        gap = np.interp(x, xr_t, yr_t) - _condyle_bottom(x, f, float(anatomy["condyle_height_mm"]), -2.5)
+        out[f"jsw_{name}_mm"] = round(float(max(0.0, gap.min()) * anatomy["scale"]), 3)
+    return out
+
+
 # --------------------------------------------------------------------------- drawing
 
 def _sig(d, w: float):
@@ -284,25 +333,13 @@ def _knee_attenuation(xv: np.ndarray, yv: np.ndarray, klg: int, anat: dict, rng:
     # ---- femur: two condyles (flat-bottomed arcs) below a flaring metaphysis and a tubular shaft
     b = float(anat["condyle_height_mm"])
     y0 = -2.5  # lowest point of the femoral condyles; the gap's midline is about y = 0
-    condyles = ((-19.0, 19.0, 0.38), (19.5, 20.0, 0.38 * f["condyle_flat"]))  # lateral, medial
-    bottom = None
-    for cx, a, expo in condyles:
-        tt = np.clip(1.0 - ((xr - cx) * (1.0 / a)) ** 2, 0, None)
-        arc = (y0 - b) + b * tt ** expo
-        bottom = arc if bottom is None else np.maximum(bottom, arc)
+    bottom = _condyle_bottom(xr, f, b, y0)
     flare = expit((yr + 75.0) * (1.0 / 20.0))  # the metaphysis narrows slowly to the shaft
     d_fem = np.minimum(np.minimum(bottom - yr, xr + (13.5 + 25.0 * flare)), (14.0 + 26.0 * flare) - xr)
     cw_f = 0.9 + 2.6 * expit((-yr - 60.0) * 0.1)  # cortex thickens towards the diaphysis
 
     # ---- tibia (rotated by the varus deformity about the joint centre)
-    jsw_m = max(0.3, anat["jsw_medial_mm"] - f["jsn_medial_mm"]) / s
-    jsw_l = max(0.5, anat["jsw_lateral_mm"] - f["jsn_lateral_mm"]) / s
-    side = expit(xt * (1.0 / 3.0))  # 0 lateral .. 1 medial
-    spine_h = float(anat["spine_height_mm"] + f["spine_peak_mm"])
-    spines = spine_h * (np.exp(-((xt + 4.5) * (1 / 3.4)) ** 2) + np.exp(-((xt - 4.0) * (1 / 3.4)) ** 2))
-    plateau = side * (0.8 * np.exp(-((xt - 20) * 0.1) ** 2) + f["attrition_mm"] * np.exp(-((xt - 22) * (1 / 12)) ** 2)) \
-        - (1 - side) * (0.6 * np.exp(-((xt + 20) * (1 / 12)) ** 2))
-    top = (y0 + jsw_l) + (jsw_m - jsw_l) * side + plateau - spines
+    top, jsw_m, jsw_l = _plateau_top(xt, anat, f, y0)
     top = top + 6.0 * expit((np.abs(xt + 0.5) - 38.0) * (1 / 1.5))  # rounded plateau corners
     tflare = expit((45.0 - yt) * (1 / 16.0))
     d_tib = np.minimum(np.minimum(yt - top, xt + (13.0 + 25.0 * tflare)), (13.0 + 25.5 * tflare) - xt)
@@ -721,7 +758,7 @@ def write_dicom_tree(
     extension), a ``<visit>m/contents.csv`` per release, KL label tables ``kxr_sq_buVV.txt``
     (pipe-delimited, BU reads) at ``out_dir``, and ``out_dir/truth.csv`` (one row per knee:
     path relative to ``out_dir``, patient_id, visit, side, klg, klg_label, joint centre x/y in px,
-    spacing, photometric, ...). Some visits also get a non-knee series (to be skipped).
+    spacing, photometric, ..., true minimum JSW ``jsw_medial_mm``/``jsw_lateral_mm``). Some visits also get a non-knee series (to be skipped).
     Variation knobs are keyword arguments; each ``*_frac`` gives an exact share (at least one item
     when > 0, so a tiny tree still has MONOCHROME1, CR, PixelSpacing-only, a non-knee series, a
     missing ``.M`` grade and a duplicate READPRJ row). Returns the truth table.
@@ -786,7 +823,7 @@ def write_dicom_tree(
                           "rescale_slope": rescale[0], "rescale_intercept": rescale[1],
                           "rows": shape[0], "cols": shape[1], "barcode": barcode,
                           "dicom_patient_name": fake_name, "dicom_patient_id": fake_id,
-                          "dicom_birth_date": birth})
+                          "dicom_birth_date": birth, **true_jsw(int(row.klg), anat)})
             labels[v].append(_label_row(pid, side, int(row.klg), anat, v, missing, readprj=15))
             if is_dup[2 * j + k]:
                 # another reading project read the same knee (maybe disagreeing); studies keep 15

@@ -1,0 +1,48 @@
+"""Measure the knees of an image file: DICOM (pixel spacing -> mm) or PNG/JPEG (relative units)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from klgrade.measure.jsw import JSW, failed, measure_knee
+from klgrade.measure.overlay import draw
+
+TILE = 192  # overlay tile size (px) of the contact sheet
+
+
+@dataclass
+class KneeJSW:
+    side: str  # 'R'/'L' of a bilateral film, else 'U'
+    jsw: JSW
+    overlay: np.ndarray | None = None  # RGB uint8 tile, canonical orientation, lines drawn
+
+
+def read(path: str | Path, mm_per_px: float | None = None) -> tuple[np.ndarray, object]:
+    """(image, spacing): DICOM spacing from the header; other images ``mm_per_px`` (None =
+    unknown). Raises ImageReadError/DicomError (naming the file) for an unreadable one."""
+    from klgrade.data.dicom import read_radiograph
+    from klgrade.data.images import is_dicom, read_image
+
+    if is_dicom(path):
+        rad = read_radiograph(path)
+        return rad.pixels, rad.spacing_mm
+    return read_image(path), mm_per_px
+
+
+def measure_image(img: np.ndarray, spacing=None, overlays: bool = False) -> list[KneeJSW]:
+    """Every knee of ``img``: both of a bilateral film (patient's right first), else the one."""
+    from klgrade.data.canonical import canonical_view, is_bilateral
+
+    sides = ("R", "L") if is_bilateral(img) else (None,)
+    out = []
+    for side in sides:
+        try:
+            view, info = canonical_view(img, TILE, spacing_mm=spacing, side=side)
+        except (ValueError, ArithmeticError) as e:  # degenerate images the view refuses
+            out.append(KneeJSW(side or "U", failed(f"no knee view ({e})", "mm" if spacing else "%plateau")))
+            continue
+        jsw = measure_knee(img, spacing, side, info=info)
+        out.append(KneeJSW(side or "U", jsw, draw(view, jsw, info) if overlays else None))
+    return out

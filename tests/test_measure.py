@@ -1,0 +1,101 @@
+"""Joint space width (klgrade.measure): accuracy on drawn knees, flags, units, the command."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from klgrade.data import synthetic as syn
+from klgrade.measure import measure_knee
+
+
+def _film(kr: int, kl: int, seed: int, spacing: float = 0.2, shape=(900, 1150), **anat):
+    rng = np.random.default_rng(seed)
+    pat = syn.random_patient(rng)
+    ar, al = syn.random_anatomy(rng, pat), syn.random_anatomy(rng, pat)
+    ar.update(anat)
+    img, _ = syn.render_bilateral(kr, kl, rng, spacing_mm=spacing, shape=shape, anatomy_right=ar, anatomy_left=al)
+    return img, ar, al
+
+
+@pytest.fixture(scope="module")
+def film():
+    return _film(1, 3, seed=11)
+
+
+def test_known_jsw_measured_within_tolerance(film):
+    img, ar, al = film
+    for side, klg, anat in (("R", 1, ar), ("L", 3, al)):
+        truth = syn.true_jsw(klg, anat)
+        r = measure_knee(img, 0.2, side)
+        assert r.ok and r.unit == "mm" and r.medial_side == ("right" if side == "R" else "left")
+        assert abs(r.medial.min - truth["jsw_medial_mm"]) < 0.5, (side, r.medial.min, truth)
+        assert abs(r.lateral.min - truth["jsw_lateral_mm"]) < 0.5, (side, r.lateral.min, truth)
+        assert r.medial.mean >= r.medial.min
+    # narrowing shows: the KL3 knee's medial space is narrower than its own lateral one
+    assert measure_knee(img, 0.2, "L").medial.min < measure_knee(img, 0.2, "L").lateral.min
+
+
+def test_bone_on_bone_reads_zero_with_a_flag():
+    # medial joint space closed: base width 0 and KL4 narrowing (drawn gap clipped to 0.3 mm, and
+    # the attrition/varus close it over part of the compartment)
+    img, ar, _ = _film(4, 0, seed=6, jsw_medial_mm=0.0, jsn_u=1.0, medial_jsn_share=1.0)
+    assert syn.true_jsw(4, ar)["jsw_medial_mm"] == 0
+    r = measure_knee(img, 0.2, "R")
+    assert r.medial.ok and r.medial.min == 0 and r.medial.flag == "bone_on_bone"
+    assert "bone on bone" in r.medial.reason and r.row()["medial_flag"] == "bone_on_bone"
+    assert r.lateral.ok and r.lateral.min > 2 and not r.lateral.flag
+
+
+def test_no_spacing_gives_relative_units_and_says_so(film):
+    img, ar, _ = film
+    mm = measure_knee(img, 0.2, "R")
+    rel = measure_knee(img, None, "R")
+    assert rel.unit == "%plateau" and "no pixel spacing" in rel.note
+    # same knee: mm = % of the plateau width x plateau width in mm
+    assert rel.medial.min * rel.plateau_px * 0.2 / 100 == pytest.approx(mm.medial.min, rel=0.05)
+
+
+@pytest.mark.parametrize("img, why", [
+    (np.zeros((20, 20), np.float32), "too small"),
+    (np.full((200, 200), 0.5, np.float32), "joint not located"),
+    (np.zeros((4, 50, 50), np.float32), "2-D"),
+])
+def test_bad_images_get_a_reason(img, why):
+    r = measure_knee(img)
+    assert not r.ok and why in r.reason and r.row()["medial_min_mm"] is None
+
+
+def test_small_knee_is_too_small():
+    img, _ = syn.render_knee(0, np.random.default_rng(1), size_px=64)
+    r = measure_knee(img)
+    assert not r.ok and "too small" in r.reason
+
+
+def test_truth_and_command(tmp_path, film):
+    from klgrade.cli import main
+
+    img, _, _ = film
+    d = tmp_path / "imgs"
+    d.mkdir()
+    crop = img[150:750, 0:575]  # the right knee alone, as a PNG (no spacing)
+    Image.fromarray((crop * 255).astype(np.uint8)).save(d / "knee.png")
+    (d / "broken.png").write_bytes(b"not a png")
+    assert main(["measure", "--data", str(d), "--out", str(tmp_path / "out"), "--sheet", "4"]) == 0
+    df = pd.read_csv(tmp_path / "out" / "jsw.csv")
+    assert list(df.columns[:8]) == ["image_id", "side", "medial_min_mm", "lateral_min_mm", "medial_mean_mm",
+                                    "lateral_mean_mm", "unit", "ok"]
+    assert df.loc[0, "image_id"] == "knee" and df.loc[0, "unit"] == "%plateau" and bool(df.loc[0, "ok"])
+    rej = pd.read_csv(tmp_path / "out" / "rejects.csv")
+    assert "broken.png" in rej.loc[0, "path"] and "not a readable image" in rej.loc[0, "reason"]
+    assert (tmp_path / "out" / "contact_sheet.png").stat().st_size > 1000
+
+
+def test_real_crops_measured(real_data):
+    paths = [sorted((real_data / "val" / g).glob("*.png"))[0] for g in ("0", "4")]
+    from klgrade.data.images import read_image
+
+    rows = [measure_knee(read_image(p)) for p in paths]
+    assert all(r.unit == "%plateau" for r in rows)
+    assert all(r.medial.ok or r.medial.reason for r in rows)
