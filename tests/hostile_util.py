@@ -229,16 +229,19 @@ def manifest_text(c, good_paths: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+CONFIG_TEXTS = (  # run config.yaml files that are not a usable mapping
+    "kind: cnn\nmodel: [unclosed\n",
+    "!!python/object/apply:os.system ['echo pwned']\n",
+    "kind: !!python/name:os.system\n",
+    "- kind: cnn\n- model: x\n",
+    "42\n",
+    "just a string\n",
+    "kind: cnn\n\tbad: tab\n",
+    "{{{{\n",
+    "\x00\x01\x02binary",
+)
+
+
 def config_text(c) -> str:
-    """A run config.yaml that is not a usable mapping: bad syntax, unsafe tags, lists, scalars, binary."""
-    return c.choice((
-        "kind: cnn\nmodel: [unclosed\n",
-        "!!python/object/apply:os.system ['echo pwned']\n",
-        "kind: !!python/name:os.system\n",
-        "- kind: cnn\n- model: x\n",
-        "42\n",
-        "just a string\n",
-        "kind: cnn\n\tbad: tab\n",
-        "{{{{\n",
-        "\x00\x01\x02binary",
-    ))
+    """A config.yaml text: bad syntax, unsafe tags, lists, scalars, binary."""
+    return c.choice(CONFIG_TEXTS)
