@@ -99,3 +99,30 @@ def test_real_crops_measured(real_data):
     rows = [measure_knee(read_image(p)) for p in paths]
     assert all(r.unit == "%plateau" for r in rows)
     assert all(r.medial.ok or r.medial.reason for r in rows)
+
+
+def test_json_and_page_fields(bilateral_dicom, tmp_path):
+    """predict --json / POST /predict carry the numbers; the page shows them and the drawn lines."""
+    import torch
+    from fastapi.testclient import TestClient
+
+    from klgrade.clinic import Grader
+    from klgrade.serve.app import create_app
+
+    path, _ = bilateral_dicom  # right KL0, left KL4, 0.25 mm/px
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5)).eval()
+    g = Grader(run_dir=tmp_path, kind="cnn", name="stub", model=model, img_size=224, mean=(0.5,) * 3,
+               std=(0.25,) * 3, device=torch.device("cpu"))
+    res = g.predict_file(path, include_view=True)
+    right, left = res["knees"]
+    for k in (right, left):
+        assert k["jsw"]["unit"] == "mm" and k["jsw"]["medial"]["min"] is not None, k["jsw"]
+        assert k["jsw_view"].startswith("data:image/png;base64,")
+    assert left["jsw"]["medial"]["min"] < right["jsw"]["medial"]["min"]  # KL4 narrower than KL0
+    with TestClient(create_app(grader=g), base_url="http://localhost") as c:
+        page = c.get("/").text
+        assert "jswText" in page and "jsw_view" in page
+        r = c.post("/predict", files={"file": ("x.dcm", path.read_bytes())}, params={"heatmaps": "false"})
+    assert r.status_code == 200
+    knee = r.json()["knees"][0]
+    assert {"medial", "lateral", "unit", "ok"} <= set(knee["jsw"]) and "jsw_view" in knee

@@ -57,6 +57,8 @@ class Knee:
     note: str = ""  # e.g. the joint was not found and a centred crop was graded
     error: str = ""  # a knee of a bilateral film that could not be located is reported, not guessed
     source: tuple | None = field(default=None, repr=False)  # (image, spacing, side) to redraw it larger
+    jsw: object = None  # klgrade.measure.JSW: minimum joint space width per compartment
+    info: object = field(default=None, repr=False)  # the view's ViewInfo (to draw the JSW lines on it)
 
 
 @dataclass
@@ -175,9 +177,14 @@ class Grader:
                             "error": k.error, "location": k.location})
                 continue
             r = knee_result(k, probs[i])
-            disp = unflip(k, display_view(k)) if (include_view or cams is not None) else None
+            canon = display_view(k) if (include_view or cams is not None) else None
+            disp = unflip(k, canon) if canon is not None else None
             if include_view:
                 r["view"] = data_url(png_bytes(disp))
+                if k.jsw is not None and k.info is not None and (k.jsw.medial.ok or k.jsw.lateral.ok):
+                    from klgrade.measure.overlay import draw
+
+                    r["jsw_view"] = data_url(png_bytes(unflip(k, draw(canon, k.jsw, k.info))))
             if heatmaps:
                 if cams is not None:
                     cam = unflip(k, resize_map(cams[i], disp.shape))
@@ -215,6 +222,8 @@ def knee_result(knee: Knee, probs: np.ndarray) -> dict:
         r["location"] = knee.location
     if knee.note:
         r["note"] = knee.note
+    if knee.jsw is not None:
+        r["jsw"] = knee.jsw.as_dict(lines=False)
     return r
 
 
@@ -351,10 +360,15 @@ def _knee(img: np.ndarray, spacing, side: str, img_size: int, bilateral: bool, f
         if bilateral:  # half a film cropped at random is not a knee: refuse rather than guess
             return Knee(side=side, view=None, location=loc, flipped=flipped,
                         error=f"{SIDE_NAMES[side]} knee not located: {info.reason}")
+        from klgrade.measure.jsw import failed
+
         return Knee(side=side, view=view, flipped=flipped, location=loc, source=(img, spacing, view_side),
-                    note=f"joint not located ({info.reason}); graded a centred crop of the image")
+                    note=f"joint not located ({info.reason}); graded a centred crop of the image",
+                    jsw=failed(f"joint not located: {info.reason}", "mm" if spacing else "%plateau"))
+    from klgrade.measure import measure_knee
+
     return Knee(side=side, view=view, flipped=flipped, location=loc, source=(img, spacing, view_side),
-                note=info.reason)
+                note=info.reason, jsw=measure_knee(img, spacing, view_side, info=info), info=info)
 
 
 # ---------------------------------------------------------------------- run kinds

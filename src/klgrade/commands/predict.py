@@ -104,6 +104,8 @@ def _print_table(results: list[dict]) -> None:
             elif k.get("heatmap_unavailable"):
                 line += f"  (no heatmap: {k['heatmap_unavailable']})"
             print(line)
+            if k.get("jsw"):
+                print(f"           JSW: {_jsw_text(k['jsw'])}")
             if k.get("note"):
                 print(f"           note: {k['note']}")
 
@@ -127,3 +129,14 @@ def _dicom_out(grader, f, out_dir, model, keep_heatmaps: bool) -> dict:
         if not keep_heatmaps:
             k.pop("_heatmap_png", None)
     return {"layout": res.layout, "knees": res.knees, "dicom": [str(p) for p in written]}
+
+
+def _jsw_text(j: dict) -> str:
+    """'medial 3.12 mm, lateral 5.60 mm' (0 = bone on bone; '-' = not measured, with the reason)."""
+    unit = "mm" if j["unit"] == "mm" else "% of plateau width"
+    parts = []
+    for name in ("medial", "lateral"):
+        c = j[name]
+        v = "not measured" if c["min"] is None else f"{c['min']:.2f} {unit}"
+        parts.append(f"{name} {v}" + (" (bone on bone)" if c["flag"] == "bone_on_bone" else ""))
+    return ", ".join(parts) + (f"  ({j['reason']})" if j.get("reason") and not j["ok"] else "")
