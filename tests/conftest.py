@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# bf16 + channels-last wherever the CPU has native bf16 (as before the measured choice): test numerics
+# must not depend on a timing; klgrade.train.precision's measurement has its own tests.
+os.environ.setdefault("KLGRADE_CPU_LAYOUT", "rule")
 
 import pytest  # noqa: E402
 

@@ -25,7 +25,7 @@ from klgrade.runs import RunError, read_config
 
 __all__ = ["LoadedRun", "load_cnn_run", "predict_views", "predict_batches", "forward_probs",
            "views_to_tensor", "resolve_device", "read_checkpoint", "cpu_has_native_bf16",
-           "use_channels_last"]
+           "use_channels_last", "choose_layout"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -60,6 +60,27 @@ def amp_dtype_for(device: torch.device, enabled: bool = True) -> torch.dtype | N
 def use_channels_last(device: torch.device, amp_dtype: torch.dtype | None, wanted: bool = True) -> bool:
     """Channels-last pays off on GPUs and with oneDNN's bf16 kernels on the CPU (~30% faster)."""
     return wanted and (device.type == "cuda" or amp_dtype is not None)
+
+
+def choose_layout(device: torch.device, model: torch.nn.Module, arch: str, img_size: int, batch: int,
+                  train: bool, amp: bool = True, channels_last: bool = True, cache_dir=None,
+                  recorded: dict | None = None) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, channels-last) for ``model`` on ``device``.
+
+    GPUs: bf16 (fp16 on old ones) + channels-last. CPUs: whichever allowed layout measures fastest
+    on this CPU (klgrade.train.precision), bf16 only where the CPU has it natively. ``recorded``
+    (a run's resolved config) is reused as is, so a resumed run keeps its precision."""
+    if recorded and "amp_dtype" in recorded and "channels_last" in recorded:
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(recorded["amp_dtype"]))
+        return dtype, bool(recorded["channels_last"])
+    if device.type != "cpu":
+        dtype = amp_dtype_for(device, amp)
+        return dtype, use_channels_last(device, dtype, channels_last)
+    from klgrade.train.precision import cpu_layout
+
+    layout = cpu_layout(model, arch, img_size, batch, train, allow_bf16=amp_dtype_for(device, amp) is not None,
+                        allow_channels_last=channels_last, cache_dir=cache_dir)
+    return layout.amp_dtype, layout.channels_last
 
 
 @dataclass
@@ -114,13 +135,16 @@ def load_cnn_run(run_dir: str | Path, device: str | torch.device = "auto",
         raise RunError(f"{run_dir / checkpoint}: weights do not fit '{model_name}' "
                        f"({str(e).splitlines()[0][:200]})") from e
     model.eval().to(dev)
-    amp_dtype = amp_dtype_for(dev, bool(cfg.get("amp", True)))
-    channels_last = use_channels_last(dev, amp_dtype, bool(cfg.get("channels_last", True)))
+    img_size = int(ckpt.get("img_size", cfg.get("img_size")))
+    amp_dtype, channels_last = choose_layout(dev, model, ckpt.get("arch", built.arch), img_size,
+                                             int(cfg.get("eval_batch_size", 64)), train=False,
+                                             amp=bool(cfg.get("amp", True)),
+                                             channels_last=bool(cfg.get("channels_last", True)))
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     meta = {k: v for k, v in ckpt.items() if k != "model"}
     return LoadedRun(
-        model=model, spec=built.spec, img_size=int(ckpt.get("img_size", cfg.get("img_size"))),
+        model=model, spec=built.spec, img_size=img_size,
         mean=tuple(ckpt.get("mean", built.mean)), std=tuple(ckpt.get("std", built.std)), config=cfg,
         device=dev, run_dir=run_dir, arch=ckpt.get("arch", built.arch),
         amp_dtype=amp_dtype, channels_last=channels_last,

@@ -32,7 +32,7 @@ from klgrade import io
 from klgrade.config import TrainConfig, save_config
 from klgrade.data.dataset import Augment, ViewBatches, make_loader, normalize, set_epoch
 from klgrade.runs import RunError, write_predictions
-from klgrade.train.inference import amp_dtype_for, predict_batches, resolve_device, use_channels_last
+from klgrade.train.inference import choose_layout, predict_batches, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 class Trainer:
     """One training run. ``Trainer(cfg, out_dir).fit()``; ``Trainer.resume(out_dir).fit()``."""
 
-    def __init__(self, cfg: TrainConfig, out_dir: str | Path, resuming: bool = False):
+    def __init__(self, cfg: TrainConfig, out_dir: str | Path, resuming: bool = False,
+                 recorded: dict | None = None):
         from klgrade.models.cnn import build_model
         from klgrade.models.losses import make_loss
 
@@ -203,9 +204,15 @@ class Trainer:
         self.train_labels = self.data.df["klg"].to_numpy()[self.data.rows["train"]]
 
         cuda = self.device.type == "cuda"
-        self.amp_dtype = amp_dtype_for(self.device, cfg.amp)
-        self.channels_last = use_channels_last(self.device, self.amp_dtype, cfg.channels_last)
         model = built.model.to(self.device)
+        self.amp_dtype, self.channels_last = choose_layout(
+            self.device, model, built.arch, cfg.img_size, cfg.batch_size, train=True, amp=cfg.amp,
+            channels_last=cfg.channels_last, cache_dir=cfg.cache_dir, recorded=recorded)
+        # Validation and the final predictions use the layout inference picks (load_cnn_run), so
+        # `klgrade evaluate` later reproduces the run's own predictions on this machine exactly.
+        self.eval_amp_dtype, self.eval_channels_last = choose_layout(
+            self.device, model, built.arch, cfg.img_size, cfg.eval_batch_size, train=False, amp=cfg.amp,
+            channels_last=cfg.channels_last, cache_dir=cfg.cache_dir)
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.dist.enabled:
@@ -251,10 +258,11 @@ class Trainer:
 
         out = Path(out_dir)
         raw = read_config(out)
-        raw.pop(RESOLVED_KEY, None)
+        resolved = raw.pop(RESOLVED_KEY, None) or {}
         cfg = from_dict(TrainConfig, raw, where=str(out / CONFIG_NAME))
         cfg = apply_overrides(cfg, {"device": device, "workers": workers})
-        trainer = cls(cfg, out, resuming=True)
+        same_device = device is None or str(device) == resolved.get("device")
+        trainer = cls(cfg, out, resuming=True, recorded=resolved if same_device else None)
         trainer.load_last()
         return trainer
 
@@ -288,6 +296,8 @@ class Trainer:
             "val_source": d.val_source, "world_size": self.dist.world_size, "device": str(self.device),
             "amp_dtype": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
             "channels_last": self.channels_last,
+            "eval_amp_dtype": str(self.eval_amp_dtype).replace("torch.", "") if self.eval_amp_dtype else "fp32",
+            "eval_channels_last": self.eval_channels_last,
             "n_images": {s: int(len(r)) for s, r in d.rows.items()},
             "klgrade_version": str(klgrade.__version__), "torch_version": str(torch.__version__),
         }}
@@ -347,9 +357,17 @@ class Trainer:
         return float(total[0] / total[1].clamp_min(1))
 
     def predict(self, split: str, tta: str = "none", progress: bool = False) -> np.ndarray:
-        return predict_batches(unwrap(self.model), self.eval_loaders[split], self.built.mean,
-                               self.built.std, self.device, tta, self.amp_dtype, self.channels_last,
-                               n=len(self.data.rows[split]), progress=progress, desc=f"predict {split}")
+        model = unwrap(self.model)
+        fmt = {True: torch.channels_last, False: torch.contiguous_format}
+        if self.eval_channels_last != self.channels_last:
+            model.to(memory_format=fmt[self.eval_channels_last])
+        try:
+            return predict_batches(model, self.eval_loaders[split], self.built.mean, self.built.std,
+                                   self.device, tta, self.eval_amp_dtype, self.eval_channels_last,
+                                   n=len(self.data.rows[split]), progress=progress, desc=f"predict {split}")
+        finally:
+            if self.eval_channels_last != self.channels_last:
+                model.to(memory_format=fmt[self.channels_last])
 
     def _labels(self, split: str) -> np.ndarray:
         return self.data.df["klg"].to_numpy()[self.data.rows[split]]
