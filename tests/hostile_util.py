@@ -218,14 +218,14 @@ def manifest_text(c, good_paths: list[str]) -> str:
         return c.bytes(200).decode("latin-1")
     if k == 2:
         return "a,b\n1,2\n"
-    lines = [MANIFEST_HEADER]
+    lines, valid = [MANIFEST_HEADER], k == 3  # k == 3: a usable manifest, the others are not
     for i, p in enumerate(good_paths):
-        klg = c.choice(("0", "4", "5", "-1", "x", "", "2.5", "nan"))
-        side = c.choice(("L", "R", "", "X"))
-        split = c.choice(("test", "train", "val", "", "TEST"))
-        visit = c.choice(("", "12", "abc"))
-        path = p if c.int(0, 4) else c.choice(("missing.png", "", '"quoted,comma.png"'))
-        lines.append(f"k{i},{path},p{i % 3},{visit},{side},{klg},{split},fuzz")
+        klg = c.choice(("0", "4") if valid else ("0", "4", "5", "-1", "x", "", "2.5", "nan"))
+        side = c.choice(("L", "R", "") if valid else ("L", "R", "", "X"))
+        split = c.choice(("test", "train", "val", "") if valid else ("test", "train", "val", "", "TEST"))
+        visit = c.choice(("", "12") if valid else ("", "12", "abc"))
+        path = p if valid or c.int(0, 4) else c.choice(("missing.png", "", '"quoted,comma.png"'))
+        lines.append(f"k{i},{path},p{i},{visit},{side},{klg},{split},fuzz")
     return "\n".join(lines) + "\n"
 
 

@@ -96,22 +96,23 @@ def to_gray_float(arr: np.ndarray, mode: str, path: str | Path = "<image>") -> n
         if arr.shape[2] == 4:  # drop alpha
             arr = arr[..., :3]
         if arr.shape[2] == 3:
-            a = arr.astype(np.int32)
-            if np.abs(a[..., 0] - a[..., 1]).max() > 2 or np.abs(a[..., 1] - a[..., 2]).max() > 2:
+            if not _channels_equal(arr):
                 raise ImageReadError(f"{path}: colour image (channels differ); a radiograph must be grayscale")
             arr = arr[..., 0]
         elif arr.shape[2] == 2:  # LA
             arr = arr[..., 0]
     if arr.ndim != 2:
         raise ImageReadError(f"{path}: unsupported image shape {arr.shape}")
+    # In place from here on: a 50 MP image costs one float32 copy (200 MB), not four.
     if arr.dtype == np.uint8:
-        out = arr.astype(np.float32) / 255.0
+        out = arr.astype(np.float32)
+        out /= 255.0
     elif arr.dtype in (np.uint16, np.int32, np.int16, np.uint32) or mode.startswith("I"):
-        a = arr.astype(np.float32)
+        out = arr.astype(np.float32)
         # 16-bit PNGs often use only 12 bits; scale by the bit depth that holds the data.
-        top = float(a.max())
+        top = float(out.max())
         depth = 16 if top > 4095 else 12 if top > 255 else 8
-        out = a / float(2**depth - 1)
+        out /= float(2**depth - 1)
     elif arr.dtype == bool:
         out = arr.astype(np.float32)
     else:
@@ -121,7 +122,17 @@ def to_gray_float(arr: np.ndarray, mode: str, path: str | Path = "<image>") -> n
     problem = size_problem(out.shape[1], out.shape[0])
     if problem:
         raise ImageReadError(f"{path}: {problem}")
-    return np.clip(out, 0.0, 1.0)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def _channels_equal(arr: np.ndarray, tol: int = 2, rows: int = 256) -> bool:
+    """Whether R, G and B differ by at most ``tol`` everywhere (grey stored as RGB), a block of rows
+    at a time so a large image needs no int32 copy of all three channels."""
+    for y in range(0, arr.shape[0], rows):
+        b = arr[y:y + rows].astype(np.int32)
+        if np.abs(b[..., 0] - b[..., 1]).max() > tol or np.abs(b[..., 1] - b[..., 2]).max() > tol:
+            return False
+    return True
 
 
 def square_view(img: np.ndarray, size: int, spacing_mm=None) -> np.ndarray:
