@@ -27,9 +27,9 @@ from klgrade.data.dataset import ViewBatches, make_loader, normalize, set_epoch
 from klgrade.pretrain.augment import SSLAugment
 from klgrade.pretrain.config import PretrainConfig, load_pretrain_config
 from klgrade.runs import RunError
-from klgrade.train.inference import amp_dtype_for, read_checkpoint, resolve_device, use_channels_last
+from klgrade.train.inference import amp_dtype_for, read_checkpoint, use_channels_last
 from klgrade.train.loop import (
-    Dist,
+    _device,
     epoch_seed,
     init_distributed,
     rng_state,
@@ -42,14 +42,6 @@ from klgrade.train.loop import (
 log = logging.getLogger(__name__)
 
 CONFIG_NAME, BEST_NAME, LAST_NAME, HISTORY_NAME = "config.yaml", "checkpoint.pt", "last.pt", "history.csv"
-
-
-def _device(name: str, dist: Dist) -> torch.device:
-    dev = resolve_device(name)
-    if dev.type == "cuda" and dist.enabled:
-        dev = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(dev)
-    return dev
 
 
 class Pretrainer:
@@ -69,7 +61,7 @@ class Pretrainer:
             cfg.cache_dir = str(Path(cfg.cache_dir).expanduser().resolve())
         self.cfg, self.out, self.resuming = cfg, Path(out_dir), resuming
         self.dist = init_distributed(cfg.device)
-        self.device = _device(cfg.device, self.dist)
+        self.device = _device(cfg, self.dist)  # reads cfg.device only
         if self.dist.is_main and not resuming and (self.out / CONFIG_NAME).exists():
             raise RunError(f"{self.out}: already holds a run; continue it with `klgrade pretrain --resume "
                            f"{self.out}` or choose another --out")
