@@ -27,7 +27,7 @@ from klgrade.data.dataset import ViewBatches, make_loader, normalize, set_epoch
 from klgrade.pretrain.augment import SSLAugment
 from klgrade.pretrain.config import PretrainConfig, load_pretrain_config
 from klgrade.runs import RunError
-from klgrade.train.inference import amp_dtype_for, read_checkpoint, use_channels_last
+from klgrade.train.inference import choose_layout, read_checkpoint
 from klgrade.train.loop import (
     _device,
     epoch_seed,
@@ -47,7 +47,8 @@ CONFIG_NAME, BEST_NAME, LAST_NAME, HISTORY_NAME = "config.yaml", "checkpoint.pt"
 class Pretrainer:
     """``Pretrainer(cfg, out).fit()``; ``Pretrainer.resume(out).fit()``."""
 
-    def __init__(self, cfg: PretrainConfig, out_dir: str | Path, resuming: bool = False):
+    def __init__(self, cfg: PretrainConfig, out_dir: str | Path, resuming: bool = False,
+                 recorded: dict | None = None):
         from klgrade.models.cnn import build_model
         from klgrade.pretrain.data import load_pretrain_data
         from klgrade.pretrain.methods import SSLModel
@@ -68,10 +69,11 @@ class Pretrainer:
         seed_everything(cfg.seed)
         self.data = load_pretrain_data(cfg, self.dist)  # first: no images is the cheapest error
         self.built = build_model(cfg.model, cfg.init_weights, num_classes=0)
-        self.amp_dtype = amp_dtype_for(self.device, cfg.amp)
-        self.channels_last = use_channels_last(self.device, self.amp_dtype, cfg.channels_last)
         ssl = SSLModel(self.built.model, int(self.built.model.num_features), cfg, self.dist.enabled)
         ssl = ssl.to(self.device)
+        self.amp_dtype, self.channels_last = choose_layout(
+            self.device, self.built.model, self.built.arch, cfg.img_size, cfg.batch_size, train=True,
+            amp=cfg.amp, channels_last=cfg.channels_last, cache_dir=cfg.cache_dir, recorded=recorded)
         if self.channels_last:
             ssl = ssl.to(memory_format=torch.channels_last)
         self.model = ssl
@@ -102,8 +104,12 @@ class Pretrainer:
         out = Path(out_dir)
         if not (out / CONFIG_NAME).is_file():
             raise RunError(f"{out}: not a klgrade run (no config.yaml)")
+        from klgrade.runs import read_config
+
         cfg = apply_overrides(load_pretrain_config(out / CONFIG_NAME), {"device": device, "workers": workers})
-        trainer = cls(cfg, out, resuming=True)
+        resolved = read_config(out).get("resolved") or {}
+        same_device = device is None or str(device) == resolved.get("device")
+        trainer = cls(cfg, out, resuming=True, recorded=resolved if same_device else None)
         trainer.load_last()
         return trainer
 

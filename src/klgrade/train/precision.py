@@ -71,42 +71,49 @@ def cpu_signature() -> str:
     return f"{name} | {flags} | torch {torch.__version__} | threads {torch.get_num_threads()}"
 
 
-def _time_steps(model, x, y, train: bool, layout: Layout, steps: int) -> float:
-    """Images per second of ``steps`` timed steps (after one warm-up) under ``layout``."""
-    m = copy.deepcopy(model)
-    if layout.channels_last:
-        m, x = m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(m.parameters(), lr=1e-6) if train else None
-    m.train(train)
+class _Candidate:
+    """One layout's copy of the model and input, ready to time single steps."""
 
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=layout.bf16):
-            if train:
-                loss = torch.nn.functional.cross_entropy(m(x).float(), y)
-                opt.zero_grad(set_to_none=True)
+    def __init__(self, model, x, y, train: bool, layout: Layout):
+        self.layout, self.train, self.y = layout, train, y
+        self.m = copy.deepcopy(model)
+        self.x = x
+        if layout.channels_last:
+            self.m, self.x = self.m.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        self.opt = torch.optim.SGD(self.m.parameters(), lr=1e-6) if train else None
+        self.m.train(train)
+        self.step()  # warm-up: oneDNN builds its kernels on the first call
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.layout.bf16):
+            if self.train:
+                loss = torch.nn.functional.cross_entropy(self.m(self.x).float(), self.y)
+                self.opt.zero_grad(set_to_none=True)
                 loss.backward()
-                opt.step()
+                self.opt.step()
             else:
                 with torch.no_grad():
-                    m(x)
-
-    step()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return steps * len(x) / (time.perf_counter() - t0)
+                    self.m(self.x)
+        return time.perf_counter() - t0
 
 
 def measure(model: torch.nn.Module, img_size: int, batch: int, train: bool, allow_bf16: bool,
-            allow_channels_last: bool = True, steps: int = 2) -> list[Layout]:
-    """Every candidate layout with its measured images/s (fastest first)."""
+            allow_channels_last: bool = True, rounds: int = 3) -> list[Layout]:
+    """Every candidate layout with its measured images/s (fastest first). Candidates take turns, one
+    step each per round, and each keeps its fastest step: a busy moment on a shared machine then slows
+    one step of one candidate, not a whole candidate."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img_size, img_size, generator=gen)
     n_out = int(getattr(model, "num_classes", 5) or 5)
     y = torch.randint(0, max(1, n_out), (batch,), generator=gen)
-    candidates = [Layout(b, c) for b in ((False, True) if allow_bf16 else (False,))
-                  for c in ((False, True) if allow_channels_last else (False,))]
-    timed = [Layout(c.bf16, c.channels_last, _time_steps(model, x, y, train, c, steps)) for c in candidates]
+    layouts = [Layout(b, c) for b in ((False, True) if allow_bf16 else (False,))
+               for c in ((False, True) if allow_channels_last else (False,))]
+    cands = [_Candidate(model, x, y, train, lay) for lay in layouts]
+    best = [c.step() for c in cands]
+    for _ in range(rounds - 1):
+        best = [min(b, c.step()) for b, c in zip(best, cands)]
+    timed = [Layout(c.layout.bf16, c.layout.channels_last, batch / t) for c, t in zip(cands, best)]
     return sorted(timed, key=lambda lay: -lay.images_per_s)
 
 
