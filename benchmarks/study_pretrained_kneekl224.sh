@@ -69,17 +69,19 @@ compare() {
     --seed "$SEED" --out "$OUT/report"
 }
 
-embed lite0 efficientnet_lite0 auto
-head lite0_frozen_mlp lite0 mlp
-head lite0_frozen_linear lite0 linear
-head lite0_frozen_xgboost lite0 xgboost
-embed lite2 efficientnet_lite2 auto
-head lite2_frozen_mlp lite2 mlp
-embed biomedclip_random biomedclip none
-head biomedclip_random_mlp biomedclip_random mlp
-compare
-train efficientnet_lite0_ft efficientnet_lite0 auto
-compare
-train efficientnet_lite0_scratch efficientnet_lite0 none
-compare
+step() {
+  case $1 in
+    frozen)  embed lite0 efficientnet_lite0 auto; head lite0_frozen_mlp lite0 mlp
+             head lite0_frozen_linear lite0 linear; head lite0_frozen_xgboost lite0 xgboost ;;
+    lite2)   embed lite2 efficientnet_lite2 auto; head lite2_frozen_mlp lite2 mlp ;;
+    random)  embed biomedclip_random biomedclip none; head biomedclip_random_mlp biomedclip_random mlp ;;
+    ft)      train efficientnet_lite0_ft efficientnet_lite0 auto ;;
+    scratch) train efficientnet_lite0_scratch efficientnet_lite0 none ;;
+    compare) compare ;;
+    *) echo "unknown step $1 (frozen lite2 random ft scratch compare)"; exit 2 ;;
+  esac
+}
+# Steps in order; on a 2-core CPU two chains in parallel (one thread each) finish sooner, e.g.
+#   OMP_NUM_THREADS=1 bash $0 ft compare &  OMP_NUM_THREADS=1 bash $0 frozen scratch lite2 random compare &
+for s in "${@:-frozen lite2 random compare ft compare scratch compare}"; do for t in $s; do step "$t"; done; done
 log "done: $OUT/report/report.html"
