@@ -1,10 +1,12 @@
 """Benchmark: `klgrade predict` on one bilateral radiograph vs the bare model (target: <= 1.3x).
 
 Baseline = decoding the DICOM (klgrade's reader) + the bare model's forward pass on the two knee
-crops (a (2, 3, S, S) tensor, no grad). End to end = ``Grader.predict_file`` on the same file:
-read + locate both joints + crop + view + normalise + forward + softmax + result dicts. Both run in
-this process with the same torch threads, each timed as the median of ``--reps`` warm runs; the
-one-off process start (Python + torch import, model load) is reported apart.
+crops (a normalised (2, 3, S, S) tensor, no grad) in the precision and memory format klgrade picked
+for this run on this CPU (the layout evaluate and predict use). End to end = ``Grader.predict_file``
+on the same file: read + locate both joints + crop + view + normalise + forward + softmax + result
+dicts, with and without the joint space width measurement (``jsw``, a second product beside the
+grade). All sides run in this process with the same torch threads, interleaved, each timed over
+``--reps`` warm runs; the one-off process start (Python + torch import, model load) is reported apart.
 
     .venv/bin/python benchmarks/bench_predict.py [--run RUN] [--reps 20] [--json out.json]
 
@@ -84,13 +86,24 @@ def main() -> None:
         grader = Grader.from_run(run, device="cpu", tta="none")
         load_s = time.perf_counter() - t0
         _, knees = knees_from_file(film, grader.img_size)
+        fmt = torch.channels_last if grader.channels_last else torch.contiguous_format
         x = torch.from_numpy(np.stack([k.view for k in knees])).float().div(255).unsqueeze(1).expand(-1, 3, -1, -1)
-        x = x.contiguous()
-        x4 = torch.cat([x, x.flip(3)])
+        x = x.contiguous(memory_format=fmt)
+        x4 = torch.cat([x, x.flip(3)]).contiguous(memory_format=fmt)
+        dtype = grader.amp_dtype
 
         def bare(inp):
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
                 grader.model(inp)
+
+        def bare_fp32(inp):  # the forward as predict ran it before it used the run's layout
+            with torch.no_grad():
+                grader.model(inp.contiguous())
+
+        def predict_fp32():
+            grader.amp_dtype, grader.channels_last = None, False
+            grader.predict_file(film)
+            grader.amp_dtype, grader.channels_last = dtype, fmt == torch.channels_last
 
         def predict_flip():
             grader.tta = "flip"
@@ -100,7 +113,9 @@ def main() -> None:
         t = _interleaved({"decode": lambda: read_radiograph(film),
                           "views": lambda: knees_from_file(film, grader.img_size), "fwd2": lambda: bare(x),
                           "fwd4": lambda: bare(x4), "e2e": lambda: grader.predict_file(film),
-                          "e2e_flip": predict_flip}, args.reps)
+                          "e2e_nojsw": lambda: grader.predict_file(film, jsw=False),
+                          "e2e_flip": predict_flip, "fwd2_fp32": lambda: bare_fp32(x),
+                          "e2e_fp32": predict_fp32}, args.reps)
         cam = _interleaved({"e2e_cam": lambda: grader.predict_file(film, heatmaps=True)}, max(3, args.reps // 4))
         t0 = time.perf_counter()
         subprocess.run([sys.executable, "-m", "klgrade.cli", "predict", str(film), "--run", str(run),
@@ -115,14 +130,19 @@ def main() -> None:
     res = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
                    f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}",
-        "model": grader.description, "img_size": grader.img_size, "film": "2560x2000 12-bit DICOM, 0.14 mm/px",
+        "model": grader.description, "precision": grader.precision, "img_size": grader.img_size,
+        "film": "2560x2000 12-bit DICOM, 0.14 mm/px",
         "reps": args.reps, "times_min_median_s": t, "baseline_s": [base_min, base_med],
         "ratio_min": t["e2e"][0] / base_min, "ratio_median": t["e2e"][1] / base_med,
         "ratio_cpu": t["e2e"][2] / base_cpu,
+        "ratio_min_without_jsw": t["e2e_nojsw"][0] / base_min, "ratio_median_without_jsw": t["e2e_nojsw"][1] / base_med,
+        "ratio_cpu_without_jsw": t["e2e_nojsw"][2] / base_cpu,
+        "before_fp32": {"ratio_min": t["e2e_fp32"][0] / (t["decode"][0] + t["fwd2_fp32"][0]),
+                        "ratio_cpu": t["e2e_fp32"][2] / (t["decode"][2] + t["fwd2_fp32"][2])},
         "ratio_flip_tta_min": t["e2e_flip"][0] / (t["decode"][0] + t["fwd4"][0]),
         "predict_with_heatmaps_s": cam["e2e_cam"], "model_load_s": load_s, "cli_process_s": cli_s,
     }
-    print(f"{res['model']} @ {res['img_size']} px on {res['machine']}")
+    print(f"{res['model']} @ {res['img_size']} px, {res['precision']}, on {res['machine']}")
     print(f"  {'':<26}{'wall min':>11} {'wall med':>11} {'CPU min':>11}")
     row("decode DICOM", "decode")
     row("bare forward, 2 crops", "fwd2")
@@ -131,6 +151,13 @@ def main() -> None:
     row("predict end to end", "e2e")
     print(f"  ratio {res['ratio_min']:.2f} (wall min) / {res['ratio_median']:.2f} (wall median) / "
           f"{res['ratio_cpu']:.2f} (CPU)   target <= 1.3")
+    row("predict without JSW", "e2e_nojsw")
+    print(f"  ratio {res['ratio_min_without_jsw']:.2f} (wall min) / {res['ratio_median_without_jsw']:.2f} (wall median) / "
+          f"{res['ratio_cpu_without_jsw']:.2f} (CPU)")
+    row("bare forward fp32, 2 crops", "fwd2_fp32")
+    row("predict fp32 (before)", "e2e_fp32")
+    print(f"  before (fp32): ratio {res['before_fp32']['ratio_min']:.2f} (wall min) / "
+          f"{res['before_fp32']['ratio_cpu']:.2f} (CPU)")
     row("bare forward, 4 crops", "fwd4")
     row("predict, flip TTA", "e2e_flip")
     print(f"  flip TTA ratio vs decode + 4-crop forward: {res['ratio_flip_tta_min']:.2f} (min)")

@@ -234,3 +234,19 @@ def test_head_run_exports_to_onnx_with_parity(head_store, tmp_path):
     meta = export_run(root / "run_export", "onnx", tmp_path / "head.onnx")
     assert meta["run_kind"] == "head" and meta["input"]["shape"] == ["batch", 3, 160, 160]
     assert meta["parity"]["max_abs_diff"] < 1e-4
+
+
+def test_each_knee_view_is_made_once_and_jsw_is_optional(grader, bilateral_dicom, monkeypatch):
+    """Plain predict makes one view per knee (the JSW reuses its geometry); jsw=False skips the
+    measurement and leaves the grades unchanged."""
+    import klgrade.data.canonical as canonical
+
+    calls = []
+    real = canonical.canonical_view
+    monkeypatch.setattr(canonical, "canonical_view", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    with_jsw = grader.predict_file(bilateral_dicom[0])
+    assert calls == [grader.img_size] * 2
+    without = grader.predict_file(bilateral_dicom[0], jsw=False)
+    assert all("jsw" in k for k in with_jsw["knees"]) and not any("jsw" in k for k in without["knees"])
+    for a, b in zip(with_jsw["knees"], without["knees"], strict=True):
+        assert a["probabilities"] == b["probabilities"]

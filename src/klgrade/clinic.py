@@ -28,11 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from klgrade.grades import GRADES
 from klgrade.runs import RunError, read_config, run_name
 
 log = logging.getLogger(__name__)
 
-GRADES = (0, 1, 2, 3, 4)
 SIDE_NAMES = {"R": "right", "L": "left", "U": "unknown"}
 # Views and heatmap overlays are shown at least this large: a 64-224 px model view is too coarse
 # for a reader to judge osteophytes and joint space, so the CAM is upsampled onto the crop.
@@ -73,6 +73,10 @@ class Grader:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     device: object  # torch.device
+    # The layout evaluate uses for this run (klgrade.train.inference.load_cnn_run): predict must grade
+    # with the same precision and memory format, or its probabilities drift from evaluate's by bf16 rounding.
+    amp_dtype: object = None  # torch.dtype for autocast, or None (fp32)
+    channels_last: bool = False
     tta: str = "none"  # what this grader applies
     tta_run: str = "none"  # what the run itself was evaluated with (config.yaml)
     description: str = ""
@@ -117,12 +121,18 @@ class Grader:
                 "tta": self.tta, "grades": list(GRADES),
                 "heatmaps": self.explain_target is not None,
                 "heatmap_layer": self.explain_target[2] if self.explain_target else None,
-                "heatmap_unavailable": self.explain_unavailable or None}
+                "heatmap_unavailable": self.explain_unavailable or None, "precision": self.precision}
+
+    @property
+    def precision(self) -> str:
+        """The layout graded with, e.g. 'bfloat16 + channels-last' (what evaluate uses for this run)."""
+        dtype = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype is not None else "float32"
+        return dtype + (" + channels-last" if self.channels_last else "")
 
     # ------------------------------------------------------------------ files -> knees
-    def knees(self, path: str | Path, display: str | None = None) -> tuple[str, list[Knee]]:
+    def knees(self, path: str | Path, display: str | None = None, jsw: bool = True) -> tuple[str, list[Knee]]:
         """Read ``path`` and return (layout, knees). ``display`` replaces the path in errors."""
-        return knees_from_file(path, self.img_size, display)
+        return knees_from_file(path, self.img_size, display, jsw=jsw)
 
     # ------------------------------------------------------------------ knees -> grades
     def probabilities(self, views: np.ndarray) -> np.ndarray:
@@ -138,8 +148,8 @@ class Grader:
             if self.tta == "flip":
                 probs = (probs + self.model.predict_views(np.ascontiguousarray(views[:, :, ::-1]))) / 2
             return np.asarray(probs, dtype=np.float64)
-        x = views_to_tensor(views, self.mean, self.std, self.device)
-        return forward_probs(self.model, x, self.tta).double().cpu().numpy()
+        x = views_to_tensor(views, self.mean, self.std, self.device, channels_last=self.channels_last)
+        return forward_probs(self.model, x, self.tta, self.amp_dtype).double().cpu().numpy()
 
     def heatmaps(self, views: np.ndarray, classes) -> np.ndarray:
         """Grad-CAM maps (N, S, S) in [0, 1] for the given grades (on the view itself, not its TTA mirror)."""
@@ -200,9 +210,10 @@ class Grader:
         return out
 
     def predict_file(self, path: str | Path, heatmaps: bool = False, display: str | None = None,
-                     include_view: bool = False) -> dict:
-        """Grade every knee in one file: {'layout', 'knees': [...]} (heatmaps as PNG bytes)."""
-        layout, knees = self.knees(path, display)
+                     include_view: bool = False, jsw: bool = True) -> dict:
+        """Grade every knee in one file: {'layout', 'knees': [...]} (heatmaps as PNG bytes; ``jsw``:
+        measure the joint space width too)."""
+        layout, knees = self.knees(path, display, jsw=jsw)
         return {"layout": layout, "knees": self.grade(knees, heatmaps=heatmaps, include_view=include_view)}
 
 
@@ -250,12 +261,14 @@ def data_url(png: bytes) -> str:
 
 # ---------------------------------------------------------------------- reading and cropping
 
-def knees_from_file(path: str | Path, img_size: int, display: str | None = None) -> tuple[str, list[Knee]]:
+def knees_from_file(path: str | Path, img_size: int, display: str | None = None,
+                    jsw: bool = True) -> tuple[str, list[Knee]]:
     """Read an image file and make the model view of each knee in it: (layout, knees).
 
     A bilateral film (``klgrade.data.canonical.is_bilateral``: two legs side by side) gives the
     right and the left knee; anything else one knee, whose side comes from the DICOM's
-    (Image)Laterality when present. Raises ClinicError naming ``display`` (default: the path).
+    (Image)Laterality when present; ``jsw``: also measure each knee's joint space width. Raises
+    ClinicError naming ``display`` (default: the path).
     """
     import cv2
 
@@ -287,11 +300,11 @@ def knees_from_file(path: str | Path, img_size: int, display: str | None = None)
             # The two knees' views are independent and mostly GIL-free (OpenCV, NumPy): make them
             # in parallel, which takes their cost off the critical path on an idle machine.
             return "bilateral", list(_view_pool().map(
-                lambda side: _knee(img, spacing, side, img_size, True, factor), ("R", "L")))
+                lambda side: _knee(img, spacing, side, img_size, True, factor, jsw), ("R", "L")))
         side = laterality if laterality in ("R", "L") else "U"
         if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
             img = np.ascontiguousarray(img[:, ::-1])
-        return "unilateral", [_knee(img, spacing, side, img_size, False, factor)]
+        return "unilateral", [_knee(img, spacing, side, img_size, False, factor, jsw)]
     except (ValueError, ArithmeticError, IndexError, cv2.error) as e:  # degenerate images (flat, tiny)
         raise ClinicError(f"{name}: cannot make a knee view ({type(e).__name__}: {e})") from e
 
@@ -343,7 +356,8 @@ def _rename(msg: str, path: Path, name: str) -> str:
     return msg.replace(str(path), name) if name != str(path) else msg
 
 
-def _knee(img: np.ndarray, spacing, side: str, img_size: int, bilateral: bool, factor: int = 1) -> Knee:
+def _knee(img: np.ndarray, spacing, side: str, img_size: int, bilateral: bool, factor: int = 1,
+          jsw: bool = True) -> Knee:
     """The view of one knee of ``img`` (reduced ``factor`` x from the film: the reported centre is
     in the film's own pixels)."""
     from klgrade.data.canonical import canonical_view
@@ -364,11 +378,11 @@ def _knee(img: np.ndarray, spacing, side: str, img_size: int, bilateral: bool, f
 
         return Knee(side=side, view=view, flipped=flipped, location=loc, source=(img, spacing, view_side),
                     note=f"joint not located ({info.reason}); graded a centred crop of the image",
-                    jsw=failed(f"joint not located: {info.reason}", "mm" if spacing else "%plateau"))
+                    jsw=failed(f"joint not located: {info.reason}", "mm" if spacing else "%plateau") if jsw else None)
     from klgrade.measure import measure_knee
 
     return Knee(side=side, view=view, flipped=flipped, location=loc, source=(img, spacing, view_side),
-                note=info.reason, jsw=measure_knee(img, spacing, view_side, info=info), info=info)
+                note=info.reason, jsw=measure_knee(img, spacing, view_side, info=info) if jsw else None, info=info)
 
 
 # ---------------------------------------------------------------------- run kinds
@@ -378,7 +392,8 @@ def _load_cnn(run_dir: Path, device: str) -> dict:
 
     loaded = load_cnn_run(run_dir, device=device)
     return {"model": loaded.model, "img_size": int(loaded.img_size), "mean": tuple(loaded.mean),
-            "std": tuple(loaded.std), "device": loaded.device,
+            "std": tuple(loaded.std), "device": loaded.device, "amp_dtype": loaded.amp_dtype,
+            "channels_last": bool(loaded.channels_last),
             "description": f"{loaded.config.get('model', '?')} ({loaded.arch or 'timm'}) CNN"}
 
 
