@@ -127,3 +127,48 @@ def test_to_uint16_uses_full_range():
     out = roi.to_uint16(crop)
     assert out.dtype == np.uint16 and out.min() == 0 and out.max() == 65535
     assert not roi.to_uint16(np.zeros((8, 8), np.float32)).any()
+
+
+@pytest.mark.parametrize("shape, n_films", [((2000, 2560), 5), ((1000, 1280), 10)])
+def test_localisation_across_film_shapes(shape, n_films):
+    """The same physical films at OAI size and as a 2x-downsampled export (issue 15: 1000x1280 films
+    were drawn 128-250 mm wide, too narrow for two legs): every knee within 5 mm at both."""
+    from klgrade.data.synthetic import film_spacing_range
+
+    lo, hi = film_spacing_range(shape)
+    errors = []
+    for i in range(n_films):
+        rng = np.random.default_rng([15, i])
+        sp = float(rng.uniform(lo, hi))
+        img, truth = render_bilateral(i % 5, int(rng.integers(5)), rng, spacing_mm=sp, shape=shape)
+        locs = roi.locate_bilateral(img, sp)
+        for side in "RL":
+            err = np.hypot(locs[side].x - truth[side][0], locs[side].y - truth[side][1]) * sp
+            errors.append(err if locs[side].ok else np.inf)
+    assert max(errors) <= 5.0, np.round(errors, 1)
+
+
+def test_synth_at_a_smaller_shape_is_a_coarser_export_and_prepares(tmp_path, capsys):
+    """`synth --shape 1000x1280` states a spacing that makes the film as wide (mm) as an OAI film,
+    and `prepare oai` finds every graded knee on it (issue 15: 20 of 22 were rejected)."""
+    import pandas as pd
+
+    from klgrade.cli import main
+    from klgrade.data.synthetic import FILM_WIDTH_MM, film_spacing_range
+
+    assert film_spacing_range((2000, 2560)) == pytest.approx((0.1, 0.2))  # unchanged at the default
+    assert film_spacing_range((1000, 1280)) == pytest.approx((0.2, 0.4))
+    data, out = tmp_path / "dcm", tmp_path / "prep"
+    assert main(["synth", "--patients", "2", "--out", str(data), "--format", "dicom", "--shape", "1000x1280",
+                 "--visits", "12", "--seed", "15"]) == 0
+    truth = pd.read_csv(data / "truth.csv")
+    width_mm = truth["spacing_mm"] * truth["cols"]
+    assert width_mm.between(*FILM_WIDTH_MM).all()
+    labels = sorted(map(str, data.glob("kxr_sq_bu*.txt")))
+    assert main(["prepare", "oai", "--images", str(data), "--labels", *labels, "--out", str(out),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    rejects = pd.read_csv(out / "rejects.csv") if (out / "rejects.csv").is_file() else pd.DataFrame(columns=["reason"])
+    assert not rejects["reason"].astype(str).str.contains("not located").any(), rejects["reason"].tolist()
+    graded = truth["klg_label"].notna().sum()
+    assert len(pd.read_csv(out / "manifest.csv")) == graded

@@ -11,10 +11,7 @@ import sys
 
 import klgrade
 import klgrade.commands
-
-
-class UserError(Exception):
-    """An error that is the input's fault: printed as one clear line, no traceback."""
+from klgrade.errors import USER_ERRORS, UserError  # noqa: F401 - UserError's old home
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,13 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    from klgrade.data.manifest import ManifestError
-    from klgrade.models.registry import WeightsError
-    from klgrade.runs import RunError
-
     try:
         rc = args.func(args)
-    except (UserError, ManifestError, WeightsError, RunError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         if os.environ.get("KLGRADE_TRACEBACK"):
             raise
         print(f"klgrade {args.command}: error: {e}", file=sys.stderr)

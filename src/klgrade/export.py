@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from klgrade import io
+from klgrade.grades import GRADES
 
 FORMATS = ("onnx", "torchscript")
 PARITY_TOL = 1e-4
@@ -115,7 +116,7 @@ def export_run(run_dir: str | Path, fmt: str, out: str | Path, opset: int = DEFA
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["batch", 5],
                    "meaning": "softmax probabilities of KL grades 0-4; grade = argmax, "
                               "expected grade = sum(g * p_g)"},
-        "grades": [0, 1, 2, 3, 4],
+        "grades": list(GRADES),
         "tta": ("none inside the file; the run was evaluated with flip TTA: average the probabilities "
                 "of the input and of its horizontal mirror") if grader.tta_run == "flip" else "none",
         "parity": {"max_abs_diff": diff, "tolerance": tol, "inputs": int(check.shape[0]),

@@ -15,14 +15,11 @@ import pandas as pd
 import yaml
 
 from klgrade import io
+from klgrade.errors import RunError  # noqa: F401 - re-exported
 from klgrade.evaluate.metrics import N_GRADES, compute_metrics
 
 PROB_COLUMNS = [f"p{g}" for g in range(N_GRADES)]
 PRED_COLUMNS = ["image_id", "patient_id", "klg", "pred"] + PROB_COLUMNS
-
-
-class RunError(ValueError):
-    """A directory that is not a usable klgrade run."""
 
 
 def predictions_frame(meta: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:

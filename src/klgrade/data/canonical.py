@@ -35,12 +35,14 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import ndimage
 
+from klgrade.data.anatomy import KNEE_WIDTH_MM, TYPICAL_KNEE_WIDTH_MM
+
 # Calibrated on kneeKL224 train (see module docstring): field of view = FOV_PER_WIDTH x the
 # plateau width; joint line at JOINT_ROW of the view's height.
 FOV_PER_WIDTH = 1.235
 JOINT_ROW = 0.585
-TYPICAL_WIDTH_MM = 76.0  # adult tibial plateau width, for the field of view when spacing is known
-FOV_MM = FOV_PER_WIDTH * TYPICAL_WIDTH_MM
+TYPICAL_WIDTH_MM = TYPICAL_KNEE_WIDTH_MM  # its old name here
+FOV_MM = FOV_PER_WIDTH * TYPICAL_KNEE_WIDTH_MM  # the field of view when spacing is known
 WORK_PX = 192  # long side of the working copy used for localisation
 GAP_SIGMAS = (1.2, 1.8, 2.7, 4.0)  # joint-space widths tried (work px, Gaussian sigma)
 MIN_GAP_SCORE = 0.004  # below: no joint-space-like band at all ...
@@ -348,7 +350,7 @@ def _unilateral(img: np.ndarray, spacing: float | None) -> tuple[float, float, f
         if j.truncated else ""
     if spacing is not None:
         width_mm = j.width * spacing
-        if not j.truncated and not 45.0 <= width_mm <= 125.0:
+        if not j.truncated and not KNEE_WIDTH_MM[0] <= width_mm <= KNEE_WIDTH_MM[1]:
             note = f"joint {width_mm:.0f} mm wide at {spacing} mm/px: spacing or localisation doubtful"
         return j.x, j.y, FOV_MM / spacing, "spacing", True, note, j.width
     return j.x, j.y, FOV_PER_WIDTH * j.width, "anatomy", True, note, j.width

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from klgrade.data.images import IMAGE_SUFFIXES, ImageReadError, is_dicom, read_image
 from klgrade.data.manifest import REJECTS_NAME, SPLITS, ManifestError, write_manifest, write_rejects
+from klgrade.grades import GRADES
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def _scan(root: Path) -> tuple[list[tuple[Path, str, int]], list[dict]]:
             kind = "image" if f.suffix.lower() in IMAGE_SUFFIXES else "not an image file"
             rejects.append({"path": str(f), "reason": f"{kind} outside the <split>/<grade>/ or <grade>/ layout"})
             continue
-        if grade not in range(5):
+        if grade not in GRADES:
             rejects.append({"path": str(f), "reason": f"grade folder '{parts[-2]}' is not a KL grade 0-4"})
             continue
         found.append((f, split, grade))

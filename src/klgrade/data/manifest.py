@@ -11,20 +11,14 @@ from pathlib import Path
 import pandas as pd
 
 from klgrade import io
+from klgrade.errors import LeakageError, ManifestError  # noqa: F401 - re-exported
+from klgrade.grades import GRADES
 
 COLUMNS = ["image_id", "path", "patient_id", "visit", "side", "klg", "split", "source"]
 SPLITS = ("train", "val", "test")
 MANIFEST_NAME = "manifest.csv"
 REJECTS_NAME = "rejects.csv"
 REJECT_COLUMNS = ["path", "reason"]
-
-
-class ManifestError(ValueError):
-    """A manifest that cannot be trusted; the message names the file and the offending rows."""
-
-
-class LeakageError(ManifestError):
-    """A patient appears in more than one split."""
 
 
 def manifest_path(dataset: str | Path) -> Path:
@@ -59,7 +53,7 @@ def read_manifest(dataset: str | Path, check_files: bool = True, check_leakage: 
         raise ManifestError(f"{path}: no images listed (a header and no rows)")
     problems = []
     klg = pd.to_numeric(df["klg"], errors="coerce")
-    bad = df.index[klg.isna() | ~klg.isin([0, 1, 2, 3, 4])]
+    bad = df.index[klg.isna() | ~klg.isin(GRADES)]
     if len(bad):
         problems.append(f"klg not an integer grade 0-4 on line(s) {_rows(bad)}")
     dup = df.index[df["image_id"].duplicated(keep=False)]

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from klgrade.grades import GRADES, N_GRADES
+
 log = logging.getLogger(__name__)
 
 # OAI visit codes → months since enrolment.
@@ -210,7 +212,7 @@ def read_labels(paths, visits=None) -> Labels:
     keep = ~df.duplicated(key, keep="last")
     duplicates = int((~keep).sum())
     df = df[keep]
-    bad = df["klg"].isna() | ~df["klg"].isin([0, 1, 2, 3, 4])
+    bad = df["klg"].isna() | ~df["klg"].isin(GRADES)
     for r in df[bad].itertuples(index=False):
         code = "empty" if r.klg_code == "blank" else f"missing code {r.klg_code}"
         why = (f"no KL grade ({code})" if pd.isna(r.klg)
@@ -524,14 +526,14 @@ def prepare_oai(images, labels, out, contents=None, visits=STUDY_VISITS, workers
 def summarize_prepare(manifest: pd.DataFrame, rejects: pd.DataFrame, labels: Labels, counts: dict,
                       films: int, resumed: int) -> dict:
     """Counts per visit, grade and reject reason (the end-of-run summary, also summary.json)."""
-    per_visit = (pd.crosstab(manifest["visit"], manifest["klg"]).reindex(columns=range(5), fill_value=0))
+    per_visit = (pd.crosstab(manifest["visit"], manifest["klg"]).reindex(columns=GRADES, fill_value=0))
     return {
         "films": films,
         "films_resumed": resumed,
         "knee_images": int(len(manifest)),
         "patients": int(manifest["patient_id"].nunique()),
         "per_visit": {int(v): int(n) for v, n in manifest["visit"].value_counts().sort_index().items()},
-        "per_grade": {int(g): int((manifest["klg"] == g).sum()) for g in range(5)},
+        "per_grade": {int(g): int((manifest["klg"] == g).sum()) for g in GRADES},
         "per_visit_grade": {int(v): [int(x) for x in row] for v, row in per_visit.iterrows()},
         "per_split": {str(s): int(n) for s, n in manifest["split"].value_counts().sort_index().items()},
         "rejects": int(len(rejects)),
@@ -547,10 +549,10 @@ def format_summary(summary: dict) -> str:
     lines = [f"{summary['knee_images']} knee crops from {summary['films']} films "
              f"({summary['films_resumed']} finished by an earlier run), {summary['patients']} patients"]
     lines.append("visit (months) x KL grade:")
-    lines.append("  visit " + " ".join(f"{f'KL{g}':>6}" for g in range(5)) + f"{'total':>7}")
+    lines.append("  visit " + " ".join(f"{f'KL{g}':>6}" for g in GRADES) + f"{'total':>7}")
     for v, row in summary["per_visit_grade"].items():
         lines.append(f"  {v:>5} " + " ".join(f"{x:>6}" for x in row) + f"{sum(row):>7}")
-    lines.append("  total " + " ".join(f"{summary['per_grade'][g]:>6}" for g in range(5))
+    lines.append("  total " + " ".join(f"{summary['per_grade'][g]:>6}" for g in GRADES)
                  + f"{summary['knee_images']:>7}")
     lines.append("split: " + ", ".join(f"{k} {v}" for k, v in summary["per_split"].items()))
     if summary["rejects"]:
@@ -572,9 +574,9 @@ def contact_sheet(manifest: pd.DataFrame, root: Path, path: Path, n: int = 40, s
     from klgrade.data.images import read_image
 
     rng = np.random.default_rng(seed)
-    per = max(1, n // 5)
+    per = max(1, n // N_GRADES)
     picks = []
-    for g in range(5):
+    for g in GRADES:
         idx = manifest.index[manifest["klg"] == g].to_numpy()
         if len(idx):
             picks += rng.choice(idx, size=min(per, len(idx)), replace=False).tolist()

@@ -30,14 +30,15 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from klgrade.data.anatomy import KNEE_WIDTH_MM, TYPICAL_KNEE_WIDTH_MM
+
 WORK_MM = 1.0            # working pixel size for localisation (mm)
 GAP_SIGMAS_MM = (1.4, 2.8)  # scales of the joint-space valley filter
 FLANK_NEAR_MM, FLANK_FAR_MM = 3.5, 14.0  # bone is looked for this far above/below the gap
 LINE_WIDTH_MM = 30.0     # horizontal averaging of the gap response
 ROW_TOL_MM = 8.0         # how far the gap may leave the peak row across the joint (tilt, JSN)
-KNEE_WIDTH_MM = (45.0, 130.0)  # plausible medial-lateral width of the joint line
-TYPICAL_KNEE_WIDTH_MM = 78.0   # tibial plateau width of an adult, to estimate an unknown scale
 MIN_CONFIDENCE = 0.5
+SOFT_PCT = 25.0  # soft-tissue level: this percentile of the leg (not air) pixels
 # Fields of view tried when a single knee comes without pixel spacing (mm across the long side).
 UNKNOWN_FOV_MM = (110.0, 160.0, 230.0, 330.0)
 
@@ -162,7 +163,7 @@ def _locate_work(g: np.ndarray, my: float, mx: float) -> dict:
     valley, flank = _gap_evidence(g, my, mx)
     # Brightness levels: soft tissue ~ the median of the leg, bone ~ a high percentile.
     inside = g[g >= np.percentile(g, 20)]
-    soft, bone = float(np.median(inside)), float(np.percentile(g, 97))
+    soft, bone = float(np.percentile(inside, SOFT_PCT)), float(np.percentile(g, 97))
     flank_w = np.clip((flank - soft) / max(bone - soft, 1e-3), 0.0, 1.0)
     depth = flank - g  # how much darker the line is than its weaker flank
     score = np.clip(valley, 0, None) * flank_w * (depth > 0)

@@ -168,8 +168,8 @@ def write_shifted(src: str | Path, name: str, dst: str | Path, key: str | None =
 
 
 def to_device(t, like):
-    """klgrade.data.dataset.to_device, imported late: the evaluation shifts above need no torch."""
-    from klgrade.data.dataset import to_device as move
+    """klgrade.data.transfer.to_device, imported late: the evaluation shifts above need no torch."""
+    from klgrade.data.transfer import to_device as move
 
     return move(t, like)
 

@@ -29,13 +29,14 @@ from scipy import ndimage
 from scipy.special import expit, ndtri
 
 from klgrade import io
+from klgrade.grades import GRADES  # noqa: F401 - re-exported (synthetic.GRADES)
 
 # Visit (months) -> OAI visit code (V01 = 12 m ...). V00 (baseline) is not used by the study.
 VISIT_CODES = {0: "00", 12: "01", 24: "03", 36: "05", 48: "06", 72: "08", 96: "10"}
 DEFAULT_VISITS = (12, 24, 36, 48, 72, 96)
 KNEE_SERIES = "Bilateral PA Fixed Flexion Knee"
 OTHER_SERIES = ("PA Hand", "PA Right Hand", "Lateral Left Knee")
-GRADES = (0, 1, 2, 3, 4)
+
 # Baseline grade distribution; slow progression over visits lifts it to roughly the OAI mix
 # across 12-96 m (KL0 ~40%, KL1 ~18%, KL2 ~26%, KL3 ~13%, KL4 ~3%).
 BASELINE_PREVALENCE = (0.43, 0.185, 0.25, 0.11, 0.025)
@@ -45,7 +46,7 @@ LABEL_FEATURES = ("XRKL", "XRJSM", "XRJSL", "XROSFM", "XROSFL", "XROSTM", "XROST
 # Per-grade finding tables (index = KL grade). Sizes in mm.
 _OST_BASE = np.array([0.0, 1.1, 3.6, 5.6, 8.5])      # largest osteophyte
 _OST_SPREAD = np.array([0.0, 0.5, 0.9, 1.1, 1.6])
-_OST_SITES = np.array([0, 1, 2, 3, 4])               # sites with a spur (extra sites get smaller ones)
+_OST_SITES = np.arange(5)                           # sites with a spur (extra sites get smaller ones)
 _JSN_BASE = np.array([0.0, 0.1, 0.7, 2.2, 3.8])       # medial narrowing
 _JSN_SPREAD = np.array([0.0, 0.15, 0.5, 0.6, 0.5])
 _SCLEROSIS = np.array([0.0, 0.0, 0.08, 0.4, 0.75])
@@ -735,6 +736,18 @@ def _oai_series_folder(visit: int) -> str:
     return f"{int(VISIT_CODES[visit])}.C.2"
 
 
+# Physical film widths (mm) of the bilateral films write_dicom_tree draws: OAI's 2560-column films
+# at 0.1-0.2 mm/px. Anatomy is drawn in mm, so the film must hold two legs at any pixel count.
+FILM_WIDTH_MM = (256.0, 512.0)
+
+
+def film_spacing_range(shape: tuple[int, int]) -> tuple[float, float]:
+    """Pixel spacing range (mm/px) that makes a film of ``shape`` (rows, cols) FILM_WIDTH_MM wide:
+    (0.1, 0.2) at 2000x2560, (0.2, 0.4) at 1000x1280 (a 2x-downsampled export of the same films)."""
+    cols = int(shape[1])
+    return FILM_WIDTH_MM[0] / cols, FILM_WIDTH_MM[1] / cols
+
+
 def write_dicom_tree(
     out_dir: str | Path,
     n_patients: int = 6,
@@ -742,7 +755,7 @@ def write_dicom_tree(
     shape: tuple[int, int] = (2000, 2560),
     visits: Sequence[int] = (12, 24),
     *,
-    spacing_range: tuple[float, float] = (0.1, 0.2),
+    spacing_range: tuple[float, float] | None = None,
     monochrome1_frac: float = 0.25,
     cr_frac: float = 0.3,
     pixelspacing_only_frac: float = 0.1,
@@ -762,10 +775,13 @@ def write_dicom_tree(
     Variation knobs are keyword arguments; each ``*_frac`` gives an exact share (at least one item
     when > 0, so a tiny tree still has MONOCHROME1, CR, PixelSpacing-only, a non-knee series, a
     missing ``.M`` grade and a duplicate READPRJ row). Returns the truth table.
+    ``spacing_range`` (mm/px) defaults to :func:`film_spacing_range` of ``shape``: the same physical
+    films at any pixel count, so a smaller shape is a coarser export of the same knees.
     """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
+    spacing_range = spacing_range or film_spacing_range(shape)
     visits = tuple(sorted(int(v) for v in visits))
     cohort = make_cohort(n_patients, seed=seed, visits=visits)
     rng = np.random.default_rng([seed, 2])

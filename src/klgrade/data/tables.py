@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from klgrade.cli import UserError
 from klgrade.data.folders import IngestResult, _check
 from klgrade.data.manifest import REJECTS_NAME, SPLITS, write_rejects
+from klgrade.errors import UserError
 
 
 def ingest_csv(table: str | Path, out: str | Path, root: str | Path | None = None) -> IngestResult:

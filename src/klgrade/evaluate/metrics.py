@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import cohen_kappa_score, confusion_matrix, precision_recall_fscore_support
 
-GRADES = (0, 1, 2, 3, 4)
-N_GRADES = len(GRADES)
+from klgrade.grades import GRADES, N_GRADES  # noqa: F401 - re-exported (metrics.GRADES)
 
 
 def _as_int(y) -> np.ndarray:
@@ -17,7 +16,7 @@ def _as_int(y) -> np.ndarray:
     if arr.ndim != 1:
         raise ValueError(f"expected a 1-d array of grades, got shape {arr.shape}")
     out = arr.astype(int)
-    bad = (out < 0) | (out > 4)
+    bad = (out < GRADES[0]) | (out > GRADES[-1])
     if bad.any():
         raise ValueError(f"grades must lie in 0..4; got {sorted(set(out[bad].tolist()))}")
     return out

@@ -36,7 +36,6 @@ TABLE1_ROWS: list[tuple[str, str, str]] = (
 CALIBRATION_ROWS = [("Calibration", "ECE", "ece"), ("Calibration", "Brier", "brier"),
                     ("Calibration", "Log loss", "log_loss")]
 METRIC_LABELS = {"qwk": "QW Kappa", "adjacent_accuracy": "Adj. Acc", "accuracy": "Accuracy"}
-LOWER_IS_BETTER = {"mae", "ece", "brier", "log_loss"}
 _RANDOM_WEIGHTS = {"none", "random", "scratch", "random-init", "random_init"}
 
 

@@ -18,12 +18,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from klgrade.grades import N_GRADES
 from klgrade.models.registry import REGISTRY, ModelSpec, WeightsError, get_spec
 from klgrade.models.wheel_weights import find_wheel_file, load_wheel_weights, sha256_file
 
 log = logging.getLogger(__name__)
 
-N_CLASSES = 5
+N_CLASSES = N_GRADES  # its old name here
 HUB_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 

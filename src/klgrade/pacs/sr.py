@@ -15,13 +15,14 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
+from klgrade.grades import GRADES, N_GRADES
 from klgrade.pacs.grading import InstanceResult, ModelInfo, derived_uid
 
 SCHEME = "99KLGRADE"
 KL_GRADE = Code("KLG", SCHEME, "Kellgren-Lawrence grade")
-KL_VALUES = tuple(Code(f"KL{g}", SCHEME, f"KL grade {g}") for g in range(5))
+KL_VALUES = tuple(Code(f"KL{g}", SCHEME, f"KL grade {g}") for g in GRADES)
 NOT_GRADED = Code("NOTGRADED", SCHEME, "Not graded")
-PROB = tuple(Code(f"PKL{g}", SCHEME, f"Probability of KL grade {g}") for g in range(5))
+PROB = tuple(Code(f"PKL{g}", SCHEME, f"Probability of KL grade {g}") for g in GRADES)
 EXPECTED = Code("EKLG", SCHEME, "Expected KL grade")
 UNITY = Code("1", "UCUM", "no units")
 GRADE_UNIT = Code("{grade}", "UCUM", "grade")
@@ -125,7 +126,7 @@ def read_groups(sr) -> list[dict]:
         code = ev[0].value.value if ev else None
         sites = g.finding_sites
         lat = sites[0].laterality.value if sites and sites[0].laterality is not None else None
-        probs = [g.get_measurements(name=PROB[k])[0].value for k in range(5)] if code != "NOTGRADED" else None
+        probs = [g.get_measurements(name=PROB[k])[0].value for k in range(N_GRADES)] if code != "NOTGRADED" else None
         exp = g.get_measurements(name=EXPECTED)[0].value if code != "NOTGRADED" else None
         out.append({"label": g.tracking_identifier, "laterality": lat,
                     "klg": int(code[2:]) if code and code.startswith("KL") else None,

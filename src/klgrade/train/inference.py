@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from klgrade.data.dataset import ViewBatches, make_loader, views_to_tensor
+from klgrade.grades import N_GRADES
 from klgrade.runs import RunError, read_config
 
 __all__ = ["LoadedRun", "load_cnn_run", "predict_views", "predict_batches", "forward_probs",
@@ -127,7 +128,7 @@ def load_cnn_run(run_dir: str | Path, device: str | torch.device = "auto",
     ckpt = read_checkpoint(run_dir / checkpoint)
     model_name = ckpt.get("model_name", cfg.get("model"))
     # Architecture only: the trained weights come from the checkpoint, never from the hub.
-    built = build_model(model_name, weights="none", num_classes=int(ckpt.get("num_classes", 5)))
+    built = build_model(model_name, weights="none", num_classes=int(ckpt.get("num_classes", N_GRADES)))
     model = built.model
     try:
         model.load_state_dict(ckpt["model"])
@@ -182,7 +183,7 @@ def predict_batches(model: torch.nn.Module, batches: Iterable, mean, std, device
         positions.append(pos)
     model.train(was_training)
     if not chunks:
-        return np.zeros((0, 5))
+        return np.zeros((0, N_GRADES))
     probs = torch.cat(chunks).cpu().double().numpy()
     pos = torch.cat(positions).numpy()
     out = np.zeros((n if n is not None else len(pos), probs.shape[1]))

@@ -31,6 +31,7 @@ import klgrade
 from klgrade import io
 from klgrade.config import TrainConfig, save_config
 from klgrade.data.dataset import Augment, ViewBatches, make_loader, normalize, set_epoch
+from klgrade.grades import N_GRADES
 from klgrade.runs import RunError, write_predictions
 from klgrade.train.inference import choose_layout, predict_batches, resolve_device
 
@@ -304,7 +305,7 @@ class Trainer:
 
     def _model_payload(self) -> dict:
         return {"model": unwrap(self.model).state_dict(), "model_name": self.cfg.model,
-                "arch": self.built.arch, "num_classes": 5, "img_size": self.cfg.img_size,
+                "arch": self.built.arch, "num_classes": N_GRADES, "img_size": self.cfg.img_size,
                 "mean": list(self.built.mean), "std": list(self.built.std)}
 
     def _save_last(self) -> None:

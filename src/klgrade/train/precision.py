@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from klgrade.grades import N_GRADES
+
 log = logging.getLogger(__name__)
 
 # A candidate must beat the plain fp32 contiguous baseline by this factor to be chosen: timing noise
@@ -105,7 +107,7 @@ def measure(model: torch.nn.Module, img_size: int, batch: int, train: bool, allo
     one step of one candidate, not a whole candidate."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, img_size, img_size, generator=gen)
-    n_out = int(getattr(model, "num_classes", 5) or 5)
+    n_out = int(getattr(model, "num_classes", N_GRADES) or N_GRADES)
     y = torch.randint(0, max(1, n_out), (batch,), generator=gen)
     layouts = [Layout(b, c) for b in ((False, True) if allow_bf16 else (False,))
                for c in ((False, True) if allow_channels_last else (False,))]
