@@ -45,7 +45,8 @@ def register(sub) -> None:
     p.add_argument("--visits-per-patient", type=int, default=None,
                    help="png: random visits per patient (default 2; 0 = all)")
     p.add_argument("--split", default="0.7,0.1,0.2", help="png: train,val,test fractions (default 0.7,0.1,0.2)")
-    p.add_argument("--shape", type=_shape, default=(2000, 2560), help="dicom: ROWSxCOLS (default 2000x2560)")
+    p.add_argument("--shape", type=_shape, default=(2000, 2560), help="dicom: ROWSxCOLS (default 2000x2560); the stated pixel spacing scales with it, so "
+                   "a smaller shape is a coarser export of films of the same size in mm")
     p.set_defaults(func=run)
 
 

@@ -38,7 +38,8 @@ FLANK_NEAR_MM, FLANK_FAR_MM = 3.5, 14.0  # bone is looked for this far above/bel
 LINE_WIDTH_MM = 30.0     # horizontal averaging of the gap response
 ROW_TOL_MM = 8.0         # how far the gap may leave the peak row across the joint (tilt, JSN)
 MIN_CONFIDENCE = 0.5
-SOFT_PCT = 25.0  # soft-tissue level: this percentile of the leg (not air) pixels
+SOFT_PCT = 25.0  # soft-tissue level: this percentile of the leg (not air) pixels; their median was
+# near bone on narrow films (bone fills much of the frame), which failed ~3% of synthetic knees
 # Fields of view tried when a single knee comes without pixel spacing (mm across the long side).
 UNKNOWN_FOV_MM = (110.0, 160.0, 230.0, 330.0)
 
