@@ -2,7 +2,8 @@
 
 synthesize a cohort -> prepare (patient-level split) -> train ResNet18 and ConvNeXt -> embed with the
 BioMedCLIP architecture -> MLP head -> compare -> report. Every step is the same sub-command a user
-runs; the demo only chooses small sizes.
+runs; the demo only chooses small sizes. Run it again in the same --out and it reuses the steps that
+finished (recorded in demo.json) and resumes an interrupted training.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ def register(sub) -> None:
 # Per-family training settings of the demo (random init, ~150 training images at 64 px, 12 epochs).
 # ConvNeXt (LayerNorm, layer scale, AdamW) diverges in its first steps at the default lr 1e-3 and
 # then predicts the majority grade for every knee; at 3e-4 it is stable but learns slowly, so it
-# gets smaller batches (4x the optimizer steps for the same images) and a longer warm-up.
-DEMO_TRAIN = {"convnext": ["--lr", "3e-4", "--batch-size", "8", "--warmup-epochs", "2"]}
+# gets smaller batches (2x the optimizer steps for the same images) and a longer warm-up.
+DEMO_TRAIN = {"convnext": ["--lr", "3e-4", "--batch-size", "16", "--warmup-epochs", "2"]}
 STATE_NAME = "demo.json"  # settings + finished steps, so a second `klgrade demo` reuses them
 # settings that change what the steps produce (n_boot only changes compare, which always reruns)
 SETTINGS = ("patients", "img_size", "epochs", "seed", "cnns", "backbone", "weights", "embed_weights")
