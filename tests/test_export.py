@@ -34,7 +34,8 @@ def test_onnx_export_parity_and_sidecar(tiny_cnn_run, bilateral_dicom, tmp_path,
     sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (probs,) = sess.run(["probabilities"], {"image": x})
     assert probs.shape == (2, 5)
-    assert np.abs(probs - g.probabilities(views)).max() < 1e-4
+    # the export is fp32; klgrade grades in the layout measured fastest here (bf16 where native)
+    assert np.abs(probs - g.probabilities(views)).max() < (1e-4 if g.amp_dtype is None else 5e-3)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit is deprecated upstream, still supported

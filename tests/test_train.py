@@ -213,7 +213,8 @@ def test_inference_api_and_evaluate_command_reproduce_run_metrics(trained_run, s
     assert rc == 0
     assert io.read_json(tmp_path / "metrics_test.json")["qwk"] == pytest.approx(
         io.read_json(trained_run / "metrics_test.json")["qwk"])
-    rc = main(["evaluate", "--run", str(trained_run), "--split", "test", "--tta", "flip", "--out", str(tmp_path)])
+    rc = main(["evaluate", "--run", str(trained_run), "--split", "test", "--tta", "flip", "--out", str(tmp_path),
+               "--overwrite"])
     assert rc == 0 and io.read_json(tmp_path / "metrics_test.json")["tta"] == "flip"
 
 
