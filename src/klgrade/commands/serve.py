@@ -55,6 +55,23 @@ def run(args) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.getLogger("klgrade.serve").warning(
             "listening on %s: reachable from other machines, with no authentication or TLS", args.host)
+    _limit_malloc_arenas()
     # uvicorn's access log line is "client - method path status": no upload name, no header.
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def _limit_malloc_arenas(arenas: int = 2) -> None:
+    """glibc gives each thread of FastAPI's pool its own malloc arena, and an image freed in one
+    arena is not reused by the next request on another thread: RSS then grows with the number of
+    threads that ever decoded a film, not with the uploads in flight. Two arenas keep it bounded."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "mallopt"):
+            libc.mallopt(-8, arenas)  # M_ARENA_MAX
+    except OSError:  # not glibc (musl, macOS): nothing to tune
+        pass
