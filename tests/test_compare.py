@@ -96,7 +96,11 @@ def test_ci_table_and_stats_json(runs, report):
     assert iv["low"] <= iv["estimate"] <= iv["high"]
     assert iv["estimate"] == stats["metrics"]["ConvNeXt"]["qwk"]
     assert len(stats["pairwise"]) == 3
-    assert {"qwk", "adjacent_accuracy", "accuracy"} == set(stats["pairwise"][0]["differences"])
+    first = stats["pairwise"][0]
+    assert {"qwk", "adjacent_accuracy", "accuracy", *(f"f1_{g}" for g in range(5))} == set(first["differences"])
+    f1a, f1b = stats["metrics"][first["a"]]["f1"], stats["metrics"][first["b"]]["f1"]
+    d1 = first["differences"]["f1_1"]  # where a gap sits: per-grade F1 differences, paired
+    assert d1["difference"] == pytest.approx(f1a[1] - f1b[1]) and d1["low"] <= d1["difference"] <= d1["high"]
     ci = pd.read_csv(out / "table1_ci.csv", dtype=str)
     cell = ci.loc[ci["Grade"] == "QW Kappa", "ConvNeXt"].item()
     assert re.fullmatch(r"\d\.\d{3} \(\d\.\d{2}–\d\.\d{2}\)", cell)

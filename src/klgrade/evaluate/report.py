@@ -35,7 +35,8 @@ TABLE1_ROWS: list[tuple[str, str, str]] = (
 )
 CALIBRATION_ROWS = [("Calibration", "ECE", "ece"), ("Calibration", "Brier", "brier"),
                     ("Calibration", "Log loss", "log_loss")]
-METRIC_LABELS = {"qwk": "QW Kappa", "adjacent_accuracy": "Adj. Acc", "accuracy": "Accuracy"}
+METRIC_LABELS = {"qwk": "QW Kappa", "adjacent_accuracy": "Adj. Acc", "accuracy": "Accuracy",
+                 **{f"f1_{g}": f"F1 KL{g}" for g in range(5)}}
 _RANDOM_WEIGHTS = {"none", "random", "scratch", "random-init", "random_init"}
 
 

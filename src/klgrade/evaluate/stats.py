@@ -25,7 +25,8 @@ from klgrade.evaluate import metrics as M
 from klgrade.runs import PROB_COLUMNS, RunError
 
 N_BINS = 10  # ECE bins, as in metrics.probability_metrics' default
-PAIRED_METRICS = ("qwk", "adjacent_accuracy", "accuracy")
+# per-grade F1 too: where a gap between two approaches sits (KL1? KL2-3?) is part of the answer
+PAIRED_METRICS = ("qwk", "adjacent_accuracy", "accuracy", "f1_0", "f1_1", "f1_2", "f1_3", "f1_4")
 EXACT_MCNEMAR_BELOW = 25  # discordant pairs under which McNemar uses the exact binomial test
 _EPS = 1e-12
 
@@ -305,14 +306,15 @@ def paired_comparisons(aligned: Aligned, point: Mapping[str, Mapping], reps: Map
                        ci: float = 0.95, metrics: Sequence[str] = PAIRED_METRICS) -> list[dict]:
     """For every pair (A, B) in run order: A - B per metric with paired bootstrap CI and p, McNemar."""
     out = []
+    flat = {r: flatten_metrics(m) for r, m in point.items()}
     for a, b in combinations(aligned.names, 2):
         entry = {"a": a, "b": b, "differences": {}}
         for key in metrics:
             d = reps[a][key] - reps[b][key]
             lo, hi = percentile_ci(d, ci)
             entry["differences"][key] = {
-                "a": float(point[a][key]), "b": float(point[b][key]),
-                "difference": float(point[a][key] - point[b][key]), "low": lo, "high": hi,
+                "a": float(flat[a][key]), "b": float(flat[b][key]),
+                "difference": float(flat[a][key] - flat[b][key]), "low": lo, "high": hi,
                 "p_value": bootstrap_p_value(d)}
         entry["mcnemar"] = mcnemar(aligned.preds[a] == aligned.y_true, aligned.preds[b] == aligned.y_true)
         out.append(entry)
