@@ -21,6 +21,10 @@ IMG=${IMG:-224}
 SEED=${SEED:-0}
 N_BOOT=${N_BOOT:-2000}
 RESNET18_RUN=${RESNET18_RUN:-results/study_kneekl224/runs_run3/resnet18}
+# knee-SSL row from benchmarks/ssl_kneekl224.sh; an older random-init BioMedCLIP run stands in when
+# this script's own 'random' step (~30 min of CPU) was not run
+SSL_RUN=${SSL_RUN:-results/ssl_kneekl224/runs/ssl_lite0_frozen_mlp}
+BMC_RANDOM_RUN=${BMC_RANDOM_RUN:-results/study_kneekl224/runs/biomedclip_mlp}
 BIN=${BIN:-.venv/bin/klgrade}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 mkdir -p "$OUT/runs"
@@ -63,10 +67,14 @@ compare() {
            biomedclip_random_mlp:"BioMedCLIP random-init+MLP"; do
     [[ -f "$OUT/runs/${r%%:*}/metrics_test.json" ]] && runs+=("$OUT/runs/${r%%:*}") && names+=("${r#*:}")
   done
+  if [[ -f "$SSL_RUN/predictions_test.csv" ]]; then runs+=("$SSL_RUN"); names+=("Lite0 knee-SSL frozen+MLP"); fi
   if [[ -f "$RESNET18_RUN/predictions_test.csv" ]]; then runs+=("$RESNET18_RUN"); names+=("ResNet18 from scratch"); fi
+  if [[ ! -f "$OUT/runs/biomedclip_random_mlp/metrics_test.json" && -f "$BMC_RANDOM_RUN/predictions_test.csv" ]]; then
+    runs+=("$BMC_RANDOM_RUN"); names+=("BioMedCLIP random-init+MLP (view v2)"); fi
   log "compare ${#runs[@]} runs on kneeKL224 val"
   $BIN compare "${runs[@]}" --names "$(IFS=,; echo "${names[*]}")" --split test --n-boot "$N_BOOT" \
-    --seed "$SEED" --out "$OUT/report"
+    --seed "$SEED" --title "kneeKL224 val: frozen general-purpose embeddings vs the same backbone fine-tuned" \
+    --out "$OUT/report"
 }
 
 step() {

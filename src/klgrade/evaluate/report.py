@@ -306,7 +306,11 @@ def _random_weight_keys(cfg, prefix: str = "") -> list[str]:
 def run_banners(name: str, cfg: Mapping) -> list[str]:
     out = []
     keys = _random_weight_keys(cfg)
-    if keys:
+    if keys and cfg.get("kind", "cnn") == "cnn":
+        # a CNN trained from scratch is a real task-specific model, only without pretraining
+        out.append(f"Run '{name}' starts from randomly initialised weights ({'; '.join(keys)}): a CNN "
+                   f"trained from scratch, no pretraining.")
+    elif keys:
         out.append(f"Run '{name}' uses randomly initialised weights ({'; '.join(keys)}): its numbers are a "
                    f"pipeline check, not the study's answer.")
     for field in ("banner", "notes"):
