@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from klgrade.data.oai_labels import MONTHS_VISIT, VISIT_MONTHS, LabelError
+
 KNEE_SERIES = "Bilateral PA Fixed Flexion Knee"
 # <V>.C.2 / <V>.E.1 release folders; their leading number is the visit (1 = V01 = 12 months).
 _RELEASE_DIR = re.compile(r"^(\d{1,2})\.[A-Z]\.\d+$")
@@ -25,8 +27,6 @@ def _norm(text) -> str:
 def parse_oai_path(path: str | Path) -> tuple[str | None, int | None]:
     """(participant id, visit months) from an OAI path such as
     ``12m/1.E.1/9000099/20060713/01653203/001``; None where a part is not recognisable."""
-    from klgrade.data.oai import MONTHS_VISIT, VISIT_MONTHS  # lazily: oai re-exports this module
-
     parts = Path(path).parts
     visit = pid = None
     for i, part in enumerate(parts):
@@ -58,8 +58,6 @@ def series_from_contents(contents: list[str | Path], images: str | Path,
                          description: str = KNEE_SERIES) -> tuple[pd.DataFrame, list[dict], dict]:
     """Knee series listed in OAI ``contents.csv`` files. ``Folder`` is relative to the csv's folder
     (a release dir like ``12m/``) or to ``images``. Returns (series, rejects, counts)."""
-    from klgrade.data.oai import LabelError
-
     images = Path(images)
     rows, rejects, counts = [], [], {"other_series": 0}
     for c in contents:
