@@ -27,14 +27,15 @@ from klgrade.data.dataset import ViewBatches, make_loader, normalize, set_epoch
 from klgrade.pretrain.augment import SSLAugment
 from klgrade.pretrain.config import PretrainConfig, load_pretrain_config
 from klgrade.runs import RunError
-from klgrade.train.inference import choose_layout, read_checkpoint
+from klgrade.train.inference import choose_layout
 from klgrade.train.loop import (
     _device,
     epoch_seed,
     init_distributed,
+    recorded_layout,
+    restore_last,
     rng_state,
     seed_everything,
-    set_rng_state,
     unwrap,
     warmup_cosine,
 )
@@ -104,26 +105,15 @@ class Pretrainer:
         out = Path(out_dir)
         if not (out / CONFIG_NAME).is_file():
             raise RunError(f"{out}: not a klgrade run (no config.yaml)")
-        from klgrade.runs import read_config
-
         cfg = apply_overrides(load_pretrain_config(out / CONFIG_NAME), {"device": device, "workers": workers})
-        resolved = read_config(out).get("resolved") or {}
-        same_device = device is None or str(device) == resolved.get("device")
-        trainer = cls(cfg, out, resuming=True, recorded=resolved if same_device else None)
+        trainer = cls(cfg, out, resuming=True, recorded=recorded_layout(out, device))
         trainer.load_last()
         return trainer
 
     def load_last(self) -> None:
-        path = self.out / LAST_NAME
-        if not path.is_file():
-            log.warning("%s: no last.pt yet; starting from epoch 0", self.out)
+        ck = restore_last(self.out, self.model, self.optimizer, self.scheduler, self.scaler)
+        if ck is None:
             return
-        ck = read_checkpoint(path)
-        unwrap(self.model).load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"])
         self.epoch, self.history = int(ck["epoch"]), list(ck["history"])
         if self.dist.is_main:
             log.info("resuming %s after epoch %d", self.out, self.epoch)

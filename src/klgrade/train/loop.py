@@ -174,6 +174,32 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def recorded_layout(out: Path, device: str | None) -> dict | None:
+    """The run's resolved facts (precision/layout among them) when it resumes on the same device."""
+    from klgrade.runs import read_config
+
+    resolved = read_config(out).get(RESOLVED_KEY) or {}
+    return resolved if device is None or str(device) == resolved.get("device") else None
+
+
+def restore_last(out: Path, model, optimizer, scheduler, scaler) -> dict | None:
+    """Restore model, optimizer, scheduler, scaler and RNG states from ``out/last.pt``; returns the
+    checkpoint (for the run's own counters), or None when there is none yet."""
+    from klgrade.train.inference import read_checkpoint
+
+    path = out / LAST_NAME
+    if not path.is_file():
+        log.warning("%s: no last.pt yet; starting from epoch 0", out)
+        return None
+    ck = read_checkpoint(path, map_location="cpu")
+    unwrap(model).load_state_dict(ck["model"])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    scaler.load_state_dict(ck["scaler"])
+    set_rng_state(ck["rng"])
+    return ck
+
+
 # ----------------------------------------------------------------------------- the trainer
 class Trainer:
     """One training run. ``Trainer(cfg, out_dir).fit()``; ``Trainer.resume(out_dir).fit()``."""
@@ -259,27 +285,17 @@ class Trainer:
 
         out = Path(out_dir)
         raw = read_config(out)
-        resolved = raw.pop(RESOLVED_KEY, None) or {}
+        raw.pop(RESOLVED_KEY, None)
         cfg = from_dict(TrainConfig, raw, where=str(out / CONFIG_NAME))
         cfg = apply_overrides(cfg, {"device": device, "workers": workers})
-        same_device = device is None or str(device) == resolved.get("device")
-        trainer = cls(cfg, out, resuming=True, recorded=resolved if same_device else None)
+        trainer = cls(cfg, out, resuming=True, recorded=recorded_layout(out, device))
         trainer.load_last()
         return trainer
 
     def load_last(self) -> None:
-        path = self.out / LAST_NAME
-        if not path.is_file():
-            log.warning("%s: no last.pt yet; starting from epoch 0", self.out)
+        ck = restore_last(self.out, self.model, self.optimizer, self.scheduler, self.scaler)
+        if ck is None:
             return
-        from klgrade.train.inference import read_checkpoint
-
-        ck = read_checkpoint(path, map_location="cpu")
-        unwrap(self.model).load_state_dict(ck["model"])
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.scheduler.load_state_dict(ck["scheduler"])
-        self.scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"])
         self.epoch = int(ck["epoch"])
         self.best_qwk, self.best_epoch = float(ck["best_qwk"]), int(ck["best_epoch"])
         self.since_best = int(ck["since_best"])
