@@ -35,11 +35,11 @@ def main() -> None:
     import numpy as np
     from PIL import Image
 
-    import klgrade.data.cache as cache
-    import klgrade.data.canonical as canonical
+    import klgrade.view.cache as cache
+    import klgrade.view.canonical as canonical
     from klgrade import io
     from klgrade.config import TrainConfig
-    from klgrade.data.images import read_image
+    from klgrade.ingest.images import read_image
     from klgrade.train.loop import train
 
     if args.view == "raw":

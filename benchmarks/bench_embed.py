@@ -1,6 +1,6 @@
 """Benchmark: embedding throughput through the real pipeline vs the bare backbone forward.
 
-Pipeline = `klgrade.embeddings.embed_dataset` (manifest -> decode cache -> normalisation -> tower ->
+Pipeline = `klgrade.embed.store.embed_dataset` (manifest -> decode cache -> normalisation -> tower ->
 store flush) on synthetic 224 px knees; bare = the same image tower on random tensors of the same
 shape, same batch size. ViT-B/16 at 224 (BioMedCLIP's tower, random init since no weights are
 available offline). Runs alternate (bare, pipeline-cold, bare, pipeline-warm) so a busy shared CPU
@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 
 from klgrade import io
-from klgrade.data.synthetic import write_png_dataset
-from klgrade.embeddings import embed_dataset
-from klgrade.models.embedders import build_embedder
+from klgrade.embed.embedders import build_embedder
+from klgrade.embed.store import embed_dataset
+from klgrade.synthetic import write_png_dataset
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import torch
 
 from klgrade import io
 from klgrade.evaluate.metrics import compute_metrics
-from klgrade.models.heads import CHECKPOINT_FORMAT, HeadConfig, HeadModel, _fit_linear, _fit_mlp, _fit_xgboost
+from klgrade.heads import CHECKPOINT_FORMAT, HeadConfig, HeadModel, _fit_linear, _fit_mlp, _fit_xgboost
 
 GRADE_MIX = (0.39, 0.18, 0.26, 0.13, 0.04)
 

@@ -38,10 +38,10 @@ def synthetic(n_films: int, seed: int) -> dict:
     import cv2
     from tqdm import tqdm
 
-    from klgrade.data import synthetic as syn
-    from klgrade.data.canonical import canonical_view
+    from klgrade import synthetic as syn
     from klgrade.measure import measure_knee
     from klgrade.measure.files import read
+    from klgrade.view.canonical import canonical_view
 
     cv2.setNumThreads(1)
     rng = np.random.default_rng(seed)
@@ -93,7 +93,7 @@ def kneekl224(root: Path, per_grade: int | None, seed: int) -> dict:
     from scipy.stats import spearmanr
     from tqdm import tqdm
 
-    from klgrade.data.images import read_image
+    from klgrade.ingest.images import read_image
     from klgrade.measure import measure_knee
 
     files = [(int(p.parent.name), p) for split in ("train", "val") for p in sorted((root / split).glob("[0-4]/*.png"))]

@@ -62,10 +62,10 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
-    from klgrade.clinic import Grader
-    from klgrade.pacs.dicomweb import PacsJob, make_client
-    from klgrade.pacs.grading import model_info
-    from klgrade.pacs.results import write_local
+    from klgrade.clinic.grader import Grader
+    from klgrade.clinic.pacs.dicomweb import PacsJob, make_client
+    from klgrade.clinic.pacs.grading import model_info
+    from klgrade.clinic.pacs.results import write_local
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

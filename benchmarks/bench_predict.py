@@ -50,7 +50,7 @@ def _interleaved(fns: dict, reps: int) -> dict:
 
 
 def make_run(root: Path) -> Path:
-    from klgrade.data.synthetic import write_png_dataset
+    from klgrade.synthetic import write_png_dataset
 
     data = write_png_dataset(root / "data", n_patients=20, seed=0, size=224, visits_per_patient=1, progress=False)
     run = root / "resnet18"
@@ -61,7 +61,7 @@ def make_run(root: Path) -> Path:
 
 
 def make_film(path: Path) -> Path:
-    from klgrade.data.synthetic import bilateral_dataset, render_bilateral, save_dataset, to_stored
+    from klgrade.synthetic import bilateral_dataset, render_bilateral, save_dataset, to_stored
 
     img, _ = render_bilateral(2, 3, np.random.default_rng(0), spacing_mm=0.14, shape=(2000, 2560))
     save_dataset(bilateral_dataset(to_stored(img), 0.14), path)
@@ -75,8 +75,8 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
 
-    from klgrade.clinic import Grader, knees_from_file
-    from klgrade.data.dicom import read_radiograph
+    from klgrade.clinic.grader import Grader, knees_from_file
+    from klgrade.ingest.dicom import read_radiograph
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

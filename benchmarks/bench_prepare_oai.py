@@ -4,7 +4,7 @@
 
 1. Builds (once, cached in --data) an OAI-shaped tree of bilateral 2560 x 2000 12-bit films with
    known joint centres: MONOCHROME1/2, CR/DX, three rescale variants, spacing 0.1-0.2 mm,
-   PixelSpacing-only files, per-film exposure, gamma and noise (klgrade.data.synthetic).
+   PixelSpacing-only files, per-film exposure, gamma and noise (klgrade.synthetic).
 2. Per-stage time of one film on one core: DICOM read + LUTs, localisation, crops + PNG writes.
 3. The whole pipeline with each --workers value (fresh output dir each): films/s, and the joint
    centre error against the truth (share within 5 mm, median, 95th percentile, max).
@@ -27,7 +27,7 @@ import pandas as pd
 
 
 def build_tree(data: Path, patients: int, visits: tuple[int, ...]) -> pd.DataFrame:
-    from klgrade.data.synthetic import write_dicom_tree
+    from klgrade.synthetic import write_dicom_tree
 
     truth_csv = data / "truth.csv"
     stamp = data / f".built_{patients}_{'-'.join(map(str, visits))}"
@@ -43,9 +43,9 @@ def build_tree(data: Path, patients: int, visits: tuple[int, ...]) -> pd.DataFra
 
 
 def stage_times(data: Path, truth: pd.DataFrame, n: int = 12) -> dict:
-    from klgrade.data.dicom import read_radiograph
-    from klgrade.data.oai import write_png16
-    from klgrade.data.roi import crop_square, locate_bilateral, to_uint16
+    from klgrade.ingest.dicom import read_radiograph
+    from klgrade.ingest.oai import write_png16
+    from klgrade.ingest.roi import crop_square, locate_bilateral, to_uint16
 
     paths = list(dict.fromkeys(truth["path"]))[:n]
     t_read = t_loc = t_crop = cpu = 0.0
@@ -74,7 +74,7 @@ def stage_times(data: Path, truth: pd.DataFrame, n: int = 12) -> dict:
 def run_pipeline(data: Path, truth: pd.DataFrame, workers: int) -> dict:
     import resource
 
-    from klgrade.data.oai import prepare_oai
+    from klgrade.ingest.oai import prepare_oai
 
     def cpu_s() -> float:
         # the parent's own CPU: with workers it is the serial part (labels, scheduling, manifest);

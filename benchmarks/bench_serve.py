@@ -32,7 +32,7 @@ def _free_port() -> int:
 
 
 def make_run(root: Path) -> Path:
-    from klgrade.data.synthetic import write_png_dataset
+    from klgrade.synthetic import write_png_dataset
 
     data = write_png_dataset(root / "data", n_patients=30, seed=0, size=64, visits_per_patient=1, progress=False)
     run = root / "tiny"
@@ -43,7 +43,7 @@ def make_run(root: Path) -> Path:
 
 
 def make_film(path: Path) -> Path:
-    from klgrade.data.synthetic import bilateral_dataset, render_bilateral, save_dataset, to_stored
+    from klgrade.synthetic import bilateral_dataset, render_bilateral, save_dataset, to_stored
 
     img, _ = render_bilateral(2, 3, np.random.default_rng(0), spacing_mm=0.14, shape=(2000, 2560))
     save_dataset(bilateral_dataset(to_stored(img), 0.14), path)

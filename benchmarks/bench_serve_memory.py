@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "benchmarks" / "work" / "serve_memory"
 RESULT = ROOT / "benchmarks" / "results" / "serve_memory.json"
-MAX_DECODES = 2  # klgrade.serve.app.DEFAULT_MAX_DECODES
+MAX_DECODES = 2  # klgrade.clinic.serve.DEFAULT_MAX_DECODES
 
 
 def big_png(mp: float) -> Path:

@@ -55,7 +55,7 @@ def main() -> None:
     import torch
 
     from klgrade.config import TrainConfig
-    from klgrade.train.inference import forward_probs, predict_batches
+    from klgrade.runs.cnn import forward_probs, predict_batches
     from klgrade.train.loop import Trainer
 
     torch.set_num_threads(args.threads)
@@ -98,7 +98,7 @@ def main() -> None:
 
     model = tr.model.module if hasattr(tr.model, "module") else tr.model
     # every cached image, in order, as evaluation would read them
-    from klgrade.data.dataset import ViewBatches, make_loader
+    from klgrade.view.batches import ViewBatches, make_loader
 
     loader = make_loader(ViewBatches(tr.data.views, range(len(tr.data.df))), b, shuffle=False,
                          workers=args.workers, pin_memory=dev.type == "cuda")

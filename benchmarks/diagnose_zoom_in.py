@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from klgrade.data import canonical as C
-from klgrade.data.images import read_image
-from klgrade.data.manifest import read_manifest
-from klgrade.data.site_shift import apply_shift
+from klgrade.augment.site_shift import apply_shift
 from klgrade.evaluate.metrics import qwk
-from klgrade.train.inference import load_cnn_run, predict_views
+from klgrade.ingest.images import read_image
+from klgrade.ingest.manifest import read_manifest
+from klgrade.runs.cnn import load_cnn_run, predict_views
+from klgrade.view import canonical as C
 
 ZOOM = 1.3
 

@@ -43,7 +43,7 @@ def setup() -> tuple[Path, list[str]]:
         import torch
 
         from klgrade.config import TrainConfig, apply_overrides
-        from klgrade.data.synthetic import write_png_dataset
+        from klgrade.synthetic import write_png_dataset
         from klgrade.train.loop import train
 
         torch.set_num_threads(1)
@@ -76,9 +76,9 @@ class Tally:
 
 
 def one_input(i: int, t: Tally, grader, client, files_dir: Path) -> Path:
-    from klgrade.clinic import ClinicError
-    from klgrade.data.images import read_image
-    from klgrade.data.oai import CropParams, process_series
+    from klgrade.clinic.grader import ClinicError
+    from klgrade.ingest.images import read_image
+    from klgrade.ingest.oai import CropParams, process_series
 
     raw, suffix, kind = hostile_file(RandChooser(i))
     t.add(f"kind_{kind}")
@@ -153,7 +153,7 @@ def batch_checks(i: int, t: Tally, run: Path, good: list[str], recent: list[Path
 def text_checks(i: int, t: Tally, run: Path, good: list[str]) -> None:
     """A fuzzed manifest through `klgrade evaluate`, a fuzzed config.yaml through read_config."""
     from klgrade.cli import main
-    from klgrade.runs import RunError, read_config
+    from klgrade.rundir import RunError, read_config
 
     c = RandChooser(10**7 + i)
     ds = WORK / "ev_data"
@@ -191,8 +191,8 @@ def main() -> int:
     logging.disable(logging.WARNING)
     from fastapi.testclient import TestClient
 
-    from klgrade.clinic import Grader
-    from klgrade.serve.app import create_app
+    from klgrade.clinic.grader import Grader
+    from klgrade.clinic.serve import create_app
 
     run, good = setup()
     state_path = WORK / "state.json"
@@ -236,7 +236,7 @@ def _vm(field: str) -> float:
 
 
 def report(state: dict, n: int) -> None:
-    from klgrade.data.images import max_pixels
+    from klgrade.ingest.images import max_pixels
 
     c = state["counts"]
     out = {

@@ -39,7 +39,7 @@ if [[ ! -f "$DATA/.split_done" ]]; then
   if [[ -n "$SUBSET" ]]; then
     "$PY" - "$DATA" "$SUBSET" <<'EOF'
 import sys
-from klgrade.data.manifest import read_manifest, write_manifest
+from klgrade.ingest.manifest import read_manifest, write_manifest
 data, n = sys.argv[1], int(sys.argv[2])
 df = read_manifest(data)
 write_manifest(df.groupby(["split", "klg"], group_keys=False).head(n), data)

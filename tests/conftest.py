@@ -9,7 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 # bf16 + channels-last wherever the CPU has native bf16 (as before the measured choice): test numerics
-# must not depend on a timing; klgrade.train.precision's measurement has its own tests.
+# must not depend on a timing; klgrade.runs.precision's measurement has its own tests.
 os.environ.setdefault("KLGRADE_CPU_LAYOUT", "rule")
 
 import pytest  # noqa: E402
@@ -40,7 +40,7 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def synth_png(tmp_path_factory) -> Path:
     """A small synthetic unilateral-crop dataset (PNG + manifest.csv with a patient-level split)."""
-    from klgrade.data.synthetic import write_png_dataset
+    from klgrade.synthetic import write_png_dataset
 
     out = tmp_path_factory.mktemp("synth_png")
     write_png_dataset(out, n_patients=60, seed=0, size=64)
@@ -50,7 +50,7 @@ def synth_png(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_dicom(tmp_path_factory) -> Path:
     """A small synthetic OAI-style DICOM tree with kxr_sq_bu label tables and contents.csv."""
-    from klgrade.data.synthetic import write_dicom_tree
+    from klgrade.synthetic import write_dicom_tree
 
     out = tmp_path_factory.mktemp("synth_dicom")
     write_dicom_tree(out, n_patients=6, seed=0)
@@ -76,7 +76,7 @@ def bilateral_dicom(tmp_path_factory) -> tuple[Path, dict]:
     """A synthetic bilateral PA knee DICOM (right KL0, left KL4; 0.25 mm/px) and its truth."""
     import numpy as np
 
-    from klgrade.data.synthetic import bilateral_dataset, render_bilateral, save_dataset, to_stored
+    from klgrade.synthetic import bilateral_dataset, render_bilateral, save_dataset, to_stored
 
     img, truth = render_bilateral(0, 4, np.random.default_rng(3), spacing_mm=0.25, shape=(720, 1040))
     path = tmp_path_factory.mktemp("clinic_dicom") / "bilateral.dcm"

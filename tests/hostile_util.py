@@ -128,7 +128,7 @@ def dicom_bytes(c, rows: int | None = None, cols: int | None = None, good: bool 
     """A DICOM radiograph; ``good`` keeps it usable, otherwise header fields are drawn odd."""
     from pydicom.uid import UID
 
-    from klgrade.data.synthetic import bilateral_dataset, to_stored
+    from klgrade.synthetic import bilateral_dataset, to_stored
 
     rows = rows or _side(c, 48)
     cols = cols or _side(c, 48)

@@ -29,7 +29,7 @@ def _free_port() -> int:
 def server(tiny_cnn_run):
     import uvicorn
 
-    from klgrade.serve.app import create_app
+    from klgrade.clinic.serve import create_app
 
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(tiny_cnn_run), host="127.0.0.1", port=port,

@@ -4,9 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from klgrade.data.canonical import FOV_PER_WIDTH, JOINT_ROW, STATS_BOX, canonical_view, is_bilateral
-from klgrade.data.images import read_image, square_view
-from klgrade.data.synthetic import render_bilateral, render_knee
+from klgrade.ingest.images import read_image
+from klgrade.synthetic import render_bilateral, render_knee
+from klgrade.view.canonical import FOV_PER_WIDTH, JOINT_ROW, STATS_BOX, canonical_view, is_bilateral
+from klgrade.view.entrance import square_view
 
 
 def _framed_knees(n: int, seed: int = 0):
@@ -112,7 +113,7 @@ def test_recentres_reframed_kneekl224(real_data):
     the view is still established and its centre maps back onto the original joint centre."""
     import math
 
-    from klgrade.data.site_shift import apply_shift
+    from klgrade.augment.site_shift import apply_shift
 
     frames = {"zoom_out_30": (1.3, 0.0, 0.0, 1.0), "off_centre": (1.0, 0.15, 0.12, 1.0),
               "aspect_wide": (1.0, 0.0, 0.0, 1.85)}
@@ -148,8 +149,8 @@ def _box_grey_shift(img: np.ndarray, shifted: np.ndarray, size: int = 96) -> flo
 def test_tighter_framing_keeps_grey_levels(monkeypatch):
     """Intensity statistics from the joint-centred box: a 30%-tighter or off-centre frame (which
     loses the soft tissue at the sides) leaves the joint's grey levels alone."""
-    from klgrade.data import canonical
-    from klgrade.data.site_shift import apply_shift
+    from klgrade.augment.site_shift import apply_shift
+    from klgrade.view import canonical
 
     rng = np.random.default_rng(7)
     # framed tightly, like kneeKL224 crops, so that a tighter frame loses the soft tissue at the sides
@@ -167,7 +168,7 @@ def test_tighter_framing_keeps_grey_levels(monkeypatch):
 def test_reframed_kneekl224_keeps_grey_levels(real_data):
     """Real crops re-rendered 30% tighter, off-centre or 1:1.4: the joint region's grey levels stay
     within 3/255 on average (whole-frame statistics moved them by 24, 7 and 14)."""
-    from klgrade.data.site_shift import apply_shift
+    from klgrade.augment.site_shift import apply_shift
 
     paths = sorted((real_data / "val").glob("*/*.png"))[3::29][:28]
     imgs = {p.name: read_image(p) for p in paths}

@@ -15,7 +15,7 @@ from klgrade import io
 from klgrade.cli import main
 from klgrade.evaluate.metrics import compute_metrics
 from klgrade.evaluate.report import TABLE1_ROWS, compare_runs
-from klgrade.runs import PROB_COLUMNS, read_predictions, write_predictions
+from klgrade.rundir import PROB_COLUMNS, read_predictions, write_predictions
 
 RUNS = (("convnext", 0.85, "auto"), ("resnet18", 0.7, "auto"), ("biomedclip_mlp", 0.45, None))
 

@@ -1,4 +1,4 @@
-"""klgrade.data.dicom: the one DICOM reader (LUTs, MONOCHROME1, spacing, compression, refusals)."""
+"""klgrade.ingest.dicom: the one DICOM reader (LUTs, MONOCHROME1, spacing, compression, refusals)."""
 from __future__ import annotations
 
 import copy
@@ -9,9 +9,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from dicom_util import jpeg_lossless
-from klgrade.data.dicom import DicomError, read_radiograph
-from klgrade.data.images import read_image
-from klgrade.data.synthetic import bilateral_dataset, save_dataset, to_stored
+from klgrade.ingest.dicom import DicomError, read_radiograph
+from klgrade.ingest.images import read_image
+from klgrade.synthetic import bilateral_dataset, save_dataset, to_stored
 
 FAKE_NAME = "ZZTEST^PLANTED"
 

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from klgrade.embeddings import EmbeddingStore, StoreError, embed_dataset, open_store
-from klgrade.models.embedders import build_embedder
+from klgrade.embed.embedders import build_embedder
+from klgrade.embed.store import EmbeddingStore, StoreError, embed_dataset, open_store
 from klgrade.models.registry import WeightsError
 
 
@@ -117,7 +117,7 @@ def tiny(tiny_biomedclip):
 
 
 def test_store_reuse_incremental_and_alignment(synth_png, tiny, tmp_path):
-    from klgrade.data.manifest import read_manifest
+    from klgrade.ingest.manifest import read_manifest
 
     df = read_manifest(synth_png)
     count = Counter(tiny.module)
@@ -181,7 +181,7 @@ def test_mismatched_store_is_refused(synth_png, tiny, tiny_biomedclip, tmp_path)
     s = embed_dataset(synth_png, "biomedclip", store, embedder=other, split="val", rebuild=True, progress=False)
     assert s.meta["weights_fingerprint"] == other.fingerprint
     # A store that lacks images of a manifest, and a half-written store, are clear errors.
-    from klgrade.data.manifest import read_manifest
+    from klgrade.ingest.manifest import read_manifest
 
     with pytest.raises(StoreError, match=r"no vectors for \d+ of \d+ image"):
         open_store(store).vectors_for(read_manifest(synth_png))
@@ -219,7 +219,7 @@ def test_torchrun_two_gloo_processes_shard_and_merge(synth_png, tiny, tiny_biome
     assert r.returncode == 0, r.stderr[-3000:]
     merged = open_store(tmp_path / "ddp")
     assert sorted(merged.index["image_id"]) == sorted(single.index["image_id"])
-    from klgrade.data.manifest import read_manifest, select_split
+    from klgrade.ingest.manifest import read_manifest, select_split
 
     test = select_split(read_manifest(synth_png), "test")
     np.testing.assert_allclose(merged.vectors_for(test), single.vectors_for(test), rtol=1e-4, atol=1e-5)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from klgrade.cli import main
-from klgrade.clinic import Grader, knees_from_file
-from klgrade.export import ExportError, export_run, sidecar_path
+from klgrade.clinic.export import ExportError, export_run, sidecar_path
+from klgrade.clinic.grader import Grader, knees_from_file
 
 
 def test_onnx_export_parity_and_sidecar(tiny_cnn_run, bilateral_dicom, tmp_path, capsys):

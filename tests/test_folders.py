@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from klgrade.cli import main
-from klgrade.data.manifest import read_manifest
+from klgrade.ingest.manifest import read_manifest
 
 
 def _png(path, value=100, size=32, mode="L"):

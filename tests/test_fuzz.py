@@ -48,7 +48,7 @@ def _write(work: Path, data: bytes, suffix: str, name: str = "case") -> Path:
 
 @pytest.fixture(scope="module")
 def grader(tiny_cnn_run):
-    from klgrade.clinic import Grader
+    from klgrade.clinic.grader import Grader
 
     return Grader.from_run(tiny_cnn_run)
 
@@ -64,7 +64,7 @@ def good(synth_png) -> list[str]:
 @_scaled(4)
 @given(data=st.data())
 def test_read_image_gives_a_usable_array_or_a_clear_error(work, data):
-    from klgrade.data.images import read_image
+    from klgrade.ingest.images import read_image
 
     raw, suffix, _ = hostile_file(HypChooser(data))
     path = _write(work, raw, suffix)
@@ -80,7 +80,7 @@ def test_read_image_gives_a_usable_array_or_a_clear_error(work, data):
 @_scaled(2)
 @given(data=st.data())
 def test_grader_grades_or_names_the_reason(grader, work, data):
-    from klgrade.clinic import ClinicError
+    from klgrade.clinic.grader import ClinicError
 
     raw, suffix, _ = hostile_file(HypChooser(data))
     path = _write(work, raw, suffix)
@@ -96,7 +96,7 @@ def test_grader_grades_or_names_the_reason(grader, work, data):
 def client(grader):
     from fastapi.testclient import TestClient
 
-    from klgrade.serve.app import create_app
+    from klgrade.clinic.serve import create_app
 
     # raise_server_exceptions (the default): an unhandled error fails the test instead of a 500
     with TestClient(create_app(grader=grader, max_upload_mb=2), base_url="http://localhost") as c:
@@ -170,8 +170,8 @@ def test_prepare_csv_takes_or_rejects_every_row(good, work, data, capsys):
 @given(data=st.data())
 def test_oai_film_is_cropped_or_rejected_never_raises(work, data):
     from hostile_util import dicom_bytes
-    from klgrade.data.oai import CropParams, process_series
-    from klgrade.data.oai_series import series_from_headers
+    from klgrade.ingest.oai import CropParams, process_series
+    from klgrade.ingest.oai_series import series_from_headers
 
     c = HypChooser(data)
     raw = dicom_bytes(c)
@@ -211,7 +211,7 @@ def test_evaluate_fuzzed_manifest_is_a_result_or_one_line(tiny_cnn_run, good, wo
 @_scaled(1)
 @given(text=st.one_of(st.sampled_from(CONFIG_TEXTS), st.text(max_size=80)))
 def test_read_config_is_a_mapping_or_a_run_error(work, text):
-    from klgrade.runs import RunError, read_config
+    from klgrade.rundir import RunError, read_config
 
     run = work / "cfg_run"
     run.mkdir(exist_ok=True)

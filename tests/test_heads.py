@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from klgrade.embeddings import StoreError, embed_dataset
+from klgrade.embed.store import StoreError, embed_dataset
 from klgrade.evaluate.metrics import compute_metrics
-from klgrade.models.heads import (
+from klgrade.heads import (
     HeadConfig,
     _fit_linear,
     _fit_mlp,
@@ -21,7 +21,7 @@ from klgrade.models.heads import (
     load_head_run,
     predict_views,
 )
-from klgrade.runs import PRED_COLUMNS, RunError, read_predictions
+from klgrade.rundir import PRED_COLUMNS, RunError, read_predictions
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,8 @@ def knees(tmp_path_factory):
     """200 synthetic patients (800 knees, 64 px) embedded once by a tiny random-init ViT saved in
     BioMedCLIP's hub layout (pre-projection features: the most signal a random tower keeps)."""
     from conftest import write_tiny_open_clip
-    from klgrade.data.synthetic import write_png_dataset
-    from klgrade.models.embedders import build_embedder
+    from klgrade.embed.embedders import build_embedder
+    from klgrade.synthetic import write_png_dataset
 
     root = tmp_path_factory.mktemp("knees")
     write_png_dataset(root / "data", n_patients=200, seed=0, size=64, progress=False)
@@ -81,8 +81,8 @@ def test_fit_is_reproducible(knees, mlp_run, tmp_path):
 
 
 def test_load_head_run_predicts_views_like_the_run(mlp_run, knees):
-    from klgrade.data.images import load_view
-    from klgrade.data.manifest import image_paths, read_manifest, select_split
+    from klgrade.ingest.manifest import image_paths, read_manifest, select_split
+    from klgrade.view.entrance import load_view
 
     out, _ = mlp_run
     model = load_head_run(out, device="cpu")
@@ -98,7 +98,7 @@ def test_load_head_run_predicts_views_like_the_run(mlp_run, knees):
 def test_evaluate_head_run_reuses_store_or_embeds_new_data(mlp_run, knees, tmp_path, monkeypatch):
     out, results = mlp_run
     data, _ = knees
-    import klgrade.embeddings as E
+    import klgrade.embed.store as E
 
     # Same data: vectors come from the run's store (no embedding at all).
     monkeypatch.setattr(E, "embed_dataset", lambda *a, **k: pytest.fail("should reuse the run's store"))
@@ -153,8 +153,8 @@ def test_xgboost_missing_is_a_clear_error(knees, tmp_path, monkeypatch):
 
 
 def test_holdout_val_when_manifest_has_none(knees, tmp_path):
-    from klgrade.data.manifest import read_manifest
-    from klgrade.data.splits import holdout_split
+    from klgrade.ingest.manifest import read_manifest
+    from klgrade.ingest.splits import holdout_split
 
     data, store = knees
     nov = tmp_path / "noval"
@@ -175,7 +175,7 @@ def test_holdout_val_when_manifest_has_none(knees, tmp_path):
 
 def test_store_not_matching_manifest_is_refused(knees, tmp_path):
     from conftest import write_tiny_open_clip
-    from klgrade.models.embedders import build_embedder
+    from klgrade.embed.embedders import build_embedder
 
     data, _ = knees
 
@@ -218,7 +218,7 @@ def test_balanced_heads_do_not_collapse_a_rare_grade(fitter):
     Xva, yva = _imbalanced(600, 1)
     Xte, yte = _imbalanced(1000, 2)
     ckpt, _ = fitter(HeadConfig(seed=0, epochs=30), Xtr, ytr, Xva, yva)
-    from klgrade.models.heads import CHECKPOINT_FORMAT, HeadModel
+    from klgrade.heads import CHECKPOINT_FORMAT, HeadModel
 
     model = HeadModel({"format": CHECKPOINT_FORMAT, "head": "mlp" if fitter is _fit_mlp else "linear", "store": {},
                        "scaler_mean": torch.zeros(24), "scaler_scale": torch.ones(24), **ckpt})

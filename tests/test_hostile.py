@@ -18,7 +18,7 @@ from PIL import Image
 
 from hostile_util import RandChooser, config_text, dicom_bytes, knee_like, png_header_only
 from klgrade.cli import main
-from klgrade.data.images import ImageReadError, read_image
+from klgrade.ingest.images import ImageReadError, read_image
 
 BOMB = png_header_only(60000, 60000)
 
@@ -45,8 +45,8 @@ def _one_line(err: str) -> str:
 def client(tiny_cnn_run):
     from fastapi.testclient import TestClient
 
-    from klgrade.clinic import Grader
-    from klgrade.serve.app import create_app
+    from klgrade.clinic.grader import Grader
+    from klgrade.clinic.serve import create_app
 
     with TestClient(create_app(grader=Grader.from_run(tiny_cnn_run), max_upload_mb=4),
                     base_url="http://localhost") as c:
@@ -107,7 +107,7 @@ def test_02_tiny_dicom_has_the_png_reason_everywhere(n, tiny_cnn_run, client, tm
 
 
 def test_02_tiny_or_odd_film_never_stops_the_oai_ingest(tmp_path):
-    from klgrade.data.oai import CropParams, process_series
+    from klgrade.ingest.oai import CropParams, process_series
 
     for n in (1, 8, 16, 40):
         path = _tiny_dicom(tmp_path / f"f{n}" / "001", n)
@@ -255,8 +255,8 @@ def _dead_pid() -> int:
 
 def test_10_scratch_files_of_killed_processes_are_swept(tiny_cnn_run, synth_png, tmp_path):
     from klgrade import io
-    from klgrade.data.cache import cached_views
-    from klgrade.serve.app import create_app
+    from klgrade.clinic.serve import create_app
+    from klgrade.view.cache import cached_views
 
     dead = io.scratch_prefix("views").replace(f".{os.getpid()}.", f".{_dead_pid()}.")
     stale = tmp_path / f"{dead}views_64px_x.tmp"
@@ -292,7 +292,7 @@ def test_11_links_and_stray_files_are_listed_by_prepare_folders(tmp_path):
 
 
 def test_11_truncated_dicom_and_link_loop_are_oai_rejects(tmp_path):
-    from klgrade.data.oai import series_from_headers
+    from klgrade.ingest.oai import series_from_headers
 
     series = tmp_path / "12m" / "1.C.2" / "9000001" / "20050101"
     good = dicom_bytes(RandChooser(1), rows=40, cols=40, good=True)
@@ -315,25 +315,24 @@ def test_12_serve_answers_only_allowed_hosts(client):
     assert client.get("/healthz", headers={"host": "127.0.0.1:8000"}).status_code == 200
 
 
-# issue 15 ------------------------------------------------------------ head-run options are not ignored
-def test_evaluate_refuses_options_a_head_run_cannot_honour(tmp_path, capsys):
+# issue 15 ------------------------------------------------------------ a broken head run: one line
+def test_evaluate_of_a_head_run_without_checkpoint_says_so(tmp_path, capsys):
     run = tmp_path / "head"
     run.mkdir()
     (run / "config.yaml").write_text(f"kind: head\ndata: {tmp_path}\n")
-    for extra, word in ((["--tta", "flip"], "--tta flip"), (["--cache-dir", str(tmp_path)], "--cache-dir")):
-        assert main(["evaluate", "--run", str(run), "--out", str(tmp_path / "o")] + extra) == 1
-        assert word in _one_line(capsys.readouterr().err)
+    assert main(["evaluate", "--run", str(run), "--out", str(tmp_path / "o"), "--tta", "flip"]) == 1
+    assert "no checkpoint.pt" in _one_line(capsys.readouterr().err)
 
 
 def test_rejects_with_any_path_are_written(tmp_path):
-    from klgrade.data.manifest import write_rejects
+    from klgrade.ingest.manifest import write_rejects
 
     write_rejects([{"path": "caf\udce9.png", "reason": "x"}, {"path": "ok.png", "reason": "y"}], tmp_path)
     assert "caf\\xe9.png" in (tmp_path / "rejects.csv").read_text(encoding="utf-8")
 
 
 def test_config_texts_never_escape_read_config(tmp_path):
-    from klgrade.runs import RunError, read_config
+    from klgrade.rundir import RunError, read_config
 
     for i in range(10):
         (tmp_path / "config.yaml").write_text(config_text(RandChooser(i)), encoding="utf-8")

@@ -1,8 +1,8 @@
 import pandas as pd
 import pytest
 
-from klgrade.data.manifest import COLUMNS, LeakageError, ManifestError, read_manifest, write_manifest
-from klgrade.data.splits import holdout_split, patient_split
+from klgrade.ingest.manifest import COLUMNS, LeakageError, ManifestError, read_manifest, write_manifest
+from klgrade.ingest.splits import holdout_split, patient_split
 
 
 def _make(tmp_path, rows, files=True):

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from klgrade.data import synthetic as syn
+from klgrade import synthetic as syn
 from klgrade.measure import measure_knee
 
 
@@ -94,7 +94,7 @@ def test_truth_and_command(tmp_path, film):
 
 def test_real_crops_measured(real_data):
     paths = [sorted((real_data / "val" / g).glob("*.png"))[0] for g in ("0", "4")]
-    from klgrade.data.images import read_image
+    from klgrade.ingest.images import read_image
 
     rows = [measure_knee(read_image(p)) for p in paths]
     assert all(r.unit == "%plateau" for r in rows)
@@ -106,8 +106,8 @@ def test_json_and_page_fields(bilateral_dicom, tmp_path):
     import torch
     from fastapi.testclient import TestClient
 
-    from klgrade.clinic import Grader
-    from klgrade.serve.app import create_app
+    from klgrade.clinic.grader import Grader
+    from klgrade.clinic.serve import create_app
 
     path, _ = bilateral_dicom  # right KL0, left KL4, 0.25 mm/px
     model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5)).eval()

@@ -14,9 +14,9 @@ from pydicom.uid import JPEG2000Lossless, RLELossless
 
 from dicom_util import jpeg_lossless
 from klgrade.cli import main
-from klgrade.data import oai
-from klgrade.data.manifest import read_manifest
-from klgrade.data.synthetic import write_dicom_tree
+from klgrade.ingest import oai
+from klgrade.ingest.manifest import read_manifest
+from klgrade.synthetic import write_dicom_tree
 
 # ----------------------------------------------------------------------------- label tables
 
@@ -209,8 +209,8 @@ def test_left_knees_are_flipped(tree, prepared):
     """On the film the right knee has its fibula on the image's left and the left knee is its
     mirror; the stored crops are the film cut around the joint, mirrored for left knees only, so
     every crop shows the lateral side on the left."""
-    from klgrade.data.dicom import read_radiograph
-    from klgrade.data.roi import crop_square, to_uint16
+    from klgrade.ingest.dicom import read_radiograph
+    from klgrade.ingest.roi import crop_square, to_uint16
 
     m = read_manifest(prepared["out"])
     for side in "RL":

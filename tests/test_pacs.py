@@ -64,7 +64,7 @@ def _env(values: dict):
 def films(tmp_path_factory) -> dict:
     """Two bilateral knee films (one study each), a lateral knee film, a hand film in the first
     film's study and a multi-frame knee instance in a study of its own."""
-    from klgrade.data.synthetic import bilateral_dataset, save_dataset, to_stored, write_dicom_tree
+    from klgrade.synthetic import bilateral_dataset, save_dataset, to_stored, write_dicom_tree
 
     root = tmp_path_factory.mktemp("pacs_films")
     truth = write_dicom_tree(root, n_patients=1, seed=5, shape=(900, 1200), visits=(12, 24),
@@ -97,7 +97,7 @@ def orthanc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(orthanc):
-    from klgrade.pacs.dicomweb import make_client
+    from klgrade.clinic.pacs.dicomweb import make_client
 
     return make_client(orthanc.dicomweb, orthanc.env)
 
@@ -130,7 +130,7 @@ def predict_json(run: Path, path: Path) -> list[dict]:
 # ---------------------------------------------------------------------- against Orthanc
 
 def test_pacs_grades_equal_predict(first_run, client, films, tiny_cnn_run):
-    from klgrade.pacs.sr import read_groups
+    from klgrade.clinic.pacs.sr import read_groups
 
     assert first_run["rc"] == 0, first_run["out"]
     for path in films["knees"]:
@@ -174,7 +174,7 @@ def test_sc_opens_as_an_image(first_run, client, films):
 
 
 def test_ungradable_instances_are_skipped_with_a_reason(first_run, client, films):
-    from klgrade.pacs.sr import read_groups
+    from klgrade.clinic.pacs.sr import read_groups
 
     out = first_run["out"]
     multi = pydicom.dcmread(films["multi"])
@@ -227,9 +227,9 @@ def test_pacs_down_is_one_clear_line(tiny_cnn_run):
 
 
 def test_poll_retries_and_recovers_when_the_pacs_comes_back(tmp_path, films, tiny_cnn_run):
-    from klgrade.clinic import Grader
-    from klgrade.pacs.dicomweb import PacsJob, make_client, poll
-    from klgrade.pacs.grading import model_info
+    from klgrade.clinic.grader import Grader
+    from klgrade.clinic.pacs.dicomweb import PacsJob, make_client, poll
+    from klgrade.clinic.pacs.grading import model_info
 
     server = Orthanc(tmp_path / "late")  # its port is chosen now, the server starts later
     grader = Grader.from_run(tiny_cnn_run)
@@ -263,7 +263,7 @@ def _wait(cond, timeout: float) -> None:
 def test_predict_dicom_out_writes_the_same_sr_and_sc(tmp_path, films, tiny_cnn_run, synth_png):
     import highdicom as hd
 
-    from klgrade.pacs.sr import read_groups
+    from klgrade.clinic.pacs.sr import read_groups
 
     film = films["knees"][0]
     rc, out = cli("predict", str(film), "--run", str(tiny_cnn_run), "--dicom-out", str(tmp_path / "dcm"), "--json")
@@ -287,7 +287,7 @@ def test_predict_dicom_out_writes_the_same_sr_and_sc(tmp_path, films, tiny_cnn_r
     ({"SeriesDescription": "Bilateral PA Fixed Flexion Knee"}, ""),
 ])
 def test_skip_reason(header, reason):
-    from klgrade.pacs.grading import skip_reason
+    from klgrade.clinic.pacs.grading import skip_reason
 
     ds = pydicom.Dataset()
     for k, v in header.items():

@@ -1,6 +1,6 @@
 """Issue 15: for the same files, `klgrade predict` gives the probabilities `klgrade evaluate` gives.
 
-Both entrances must make the same view (klgrade.data.canonical.canonical_view) and run the model in
+Both entrances must make the same view (klgrade.view.canonical.canonical_view) and run the model in
 the same layout (the precision/memory format load_cnn_run picked): <= 1e-5 apart in fp32, <= 5e-3
 (bf16 rounding; evaluate batches, predict grades one file at a time) where the run uses bf16.
 """
@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from klgrade.cli import main
-from klgrade.clinic import Grader
+from klgrade.clinic.grader import Grader
 
 PROBS = [f"p{g}" for g in range(5)]
 
@@ -37,7 +37,7 @@ def _evaluated(capsys, run, data, out) -> pd.DataFrame:
 
 
 def _files(data, ev: pd.DataFrame) -> list[str]:
-    from klgrade.data.manifest import image_paths, read_manifest
+    from klgrade.ingest.manifest import image_paths, read_manifest
 
     df = read_manifest(data).set_index("image_id").loc[ev["image_id"]]
     return [str(p) for p in image_paths(df.reset_index())]
@@ -55,15 +55,15 @@ def test_cnn_run_predict_equals_evaluate_on_png_crops(tiny_cnn_run, synth_png, t
 
 def test_predict_uses_the_layout_evaluate_uses(tiny_cnn_run):
     """The root cause of the 2e-3 drift: predict ran fp32 while evaluate ran the run's bf16 layout."""
-    from klgrade.train.inference import load_cnn_run
+    from klgrade.runs.cnn import load_cnn_run
 
     loaded, grader = load_cnn_run(tiny_cnn_run, device="cpu"), Grader.from_run(tiny_cnn_run)
     assert (grader.amp_dtype, grader.channels_last) == (loaded.amp_dtype, loaded.channels_last)
 
 
 def test_head_run_predict_equals_evaluate_on_png_crops(tiny_biomedclip, synth_png, tmp_path, capsys):
-    from klgrade.embeddings import embed_dataset
-    from klgrade.models.heads import HeadConfig, fit_head
+    from klgrade.embed.store import embed_dataset
+    from klgrade.heads import HeadConfig, fit_head
 
     store = tmp_path / "store"
     embed_dataset(synth_png, "biomedclip", store, weights=str(tiny_biomedclip), device="cpu", progress=False)
@@ -87,9 +87,9 @@ def test_bilateral_dicom_predict_equals_evaluate_of_its_prepared_crops(synth_dic
     evaluate makes of that knee's crop. Compared as views (the model only sees the view)."""
     import glob
 
-    from klgrade.clinic import knees_from_file
-    from klgrade.data.images import load_view
-    from klgrade.data.oai import prepare_oai
+    from klgrade.clinic.grader import knees_from_file
+    from klgrade.ingest.oai import prepare_oai
+    from klgrade.view.entrance import load_view
 
     ds = tmp_path / "ds"
     prepare_oai(synth_dicom, sorted(glob.glob(str(synth_dicom / "kxr_sq_bu*.txt"))), ds, progress=False)

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from klgrade.train import precision
-from klgrade.train.precision import Layout, choose, cpu_layout
+from klgrade.runs import precision
+from klgrade.runs.precision import Layout, choose, cpu_layout
 
 
 def test_choice_needs_a_clear_margin_over_fp32():
@@ -51,7 +51,7 @@ def test_forced_layouts_and_a_bad_value(monkeypatch):
 
 
 def test_resumed_run_keeps_its_recorded_layout():
-    from klgrade.train.inference import choose_layout
+    from klgrade.runs.device import choose_layout
 
     dtype, cl = choose_layout(torch.device("cpu"), torch.nn.Identity(), "x", 16, 2, train=True,
                               recorded={"amp_dtype": "fp32", "channels_last": True})

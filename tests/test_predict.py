@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from klgrade.cli import main
-from klgrade.clinic import GRADES, ClinicError, Grader, knees_from_file
-from klgrade.runs import RunError
+from klgrade.clinic.grader import GRADES, ClinicError, Grader, knees_from_file
+from klgrade.rundir import RunError
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_bilateral_dicom_both_knees_located_graded_with_heatmaps(tiny_cnn_run, b
 
 
 def test_heatmaps_differ_between_knees_of_different_grades(grader, bilateral_dicom):
-    from klgrade.evaluate.explain import find_target
+    from klgrade.clinic.explain import find_target
 
     layout, knees = knees_from_file(bilateral_dicom[0], grader.img_size)
     assert layout == "bilateral" and [k.side for k in knees] == ["R", "L"]  # truth: R KL0, L KL4
@@ -73,7 +73,7 @@ def test_heatmaps_differ_between_knees_of_different_grades(grader, bilateral_dic
 
 
 def test_left_knee_is_mirrored_to_the_canonical_orientation(grader, tmp_path):
-    from klgrade.data.synthetic import (
+    from klgrade.synthetic import (
         bilateral_dataset,
         random_anatomy,
         render_bilateral,
@@ -98,7 +98,7 @@ def test_left_knee_is_mirrored_to_the_canonical_orientation(grader, tmp_path):
 
 
 def test_png_jpeg_and_unilateral_dicom(grader, synth_png, tmp_path):
-    from klgrade.data.synthetic import bilateral_dataset, render_knee, save_dataset, to_stored
+    from klgrade.synthetic import bilateral_dataset, render_knee, save_dataset, to_stored
 
     png = next((synth_png / "images").rglob("*.png"))
     layout, knees = knees_from_file(png, grader.img_size)
@@ -161,9 +161,9 @@ class _Payload:  # any non-tensor class instance: torch.load(weights_only=True) 
 @pytest.fixture(scope="module")
 def head_store(tmp_path_factory):
     """A tiny timm ViT registered as an embedder, a small dataset and its embedding store."""
-    from klgrade.data.synthetic import write_png_dataset
-    from klgrade.embeddings import embed_dataset
+    from klgrade.embed.store import embed_dataset
     from klgrade.models.registry import REGISTRY, ModelSpec, register
+    from klgrade.synthetic import write_png_dataset
 
     register(ModelSpec(name="test-vit-embedder", kind="embedder", library="timm", arch="test_vit",
                        hub_id=None, input_size=160, description="tiny ViT (tests)"))
@@ -177,7 +177,7 @@ def head_store(tmp_path_factory):
 
 @pytest.mark.parametrize("head", ["mlp", "linear"])
 def test_head_run_grades_like_its_head_model_and_explains_through_the_vit(head_store, bilateral_dicom, head):
-    from klgrade.models.heads import HeadConfig, fit_head, load_head_run
+    from klgrade.heads import HeadConfig, fit_head, load_head_run
 
     root, data = head_store
     run = root / f"run_{head}"
@@ -197,7 +197,7 @@ def test_head_run_grades_like_its_head_model_and_explains_through_the_vit(head_s
 
 def test_xgboost_head_grades_without_heatmap_and_says_why(head_store, bilateral_dicom):
     pytest.importorskip("xgboost")
-    from klgrade.models.heads import HeadConfig, fit_head
+    from klgrade.heads import HeadConfig, fit_head
 
     root, data = head_store
     fit_head(root / "store", data, root / "run_xgb", HeadConfig(head="xgboost", n_estimators=10), overwrite=True)
@@ -209,9 +209,9 @@ def test_xgboost_head_grades_without_heatmap_and_says_why(head_store, bilateral_
 
 
 def test_fine_films_are_reduced_before_cropping_without_changing_the_view():
-    from klgrade.clinic import reduce_for_view
-    from klgrade.data.canonical import canonical_view
-    from klgrade.data.synthetic import render_bilateral
+    from klgrade.view.entrance import reduce_for_view
+    from klgrade.synthetic import render_bilateral
+    from klgrade.view.canonical import canonical_view
 
     img, truth = render_bilateral(1, 3, np.random.default_rng(2), spacing_mm=0.14, shape=(1000, 1560), noise=0.0)
     small, sp, f = reduce_for_view(img, (0.14, 0.14), 128)
@@ -226,8 +226,8 @@ def test_fine_films_are_reduced_before_cropping_without_changing_the_view():
 
 
 def test_head_run_exports_to_onnx_with_parity(head_store, tmp_path):
-    from klgrade.export import export_run
-    from klgrade.models.heads import HeadConfig, fit_head
+    from klgrade.clinic.export import export_run
+    from klgrade.heads import HeadConfig, fit_head
 
     root, data = head_store
     fit_head(root / "store", data, root / "run_export", HeadConfig(head="mlp", epochs=2), overwrite=True)
@@ -239,11 +239,11 @@ def test_head_run_exports_to_onnx_with_parity(head_store, tmp_path):
 def test_each_knee_view_is_made_once_and_jsw_is_optional(grader, bilateral_dicom, monkeypatch):
     """Plain predict makes one view per knee (the JSW reuses its geometry); jsw=False skips the
     measurement and leaves the grades unchanged."""
-    import klgrade.data.canonical as canonical
+    import klgrade.view.entrance as entrance
 
     calls = []
-    real = canonical.canonical_view
-    monkeypatch.setattr(canonical, "canonical_view", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = entrance.canonical_view
+    monkeypatch.setattr(entrance, "canonical_view", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     with_jsw = grader.predict_file(bilateral_dicom[0])
     assert calls == [grader.img_size] * 2
     without = grader.predict_file(bilateral_dicom[0], jsw=False)

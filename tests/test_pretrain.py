@@ -94,9 +94,9 @@ def test_torchrun_two_gloo_processes_make_a_valid_run(synth_png, tmp_path):
 
 
 def test_run_dir_is_a_backbone_for_embed_and_train(ssl_run, synth_png, tmp_path):
-    from klgrade.embeddings import open_store
+    from klgrade.embed.embedders import build_embedder
+    from klgrade.embed.store import open_store
     from klgrade.models.cnn import build_model
-    from klgrade.models.embedders import build_embedder
 
     emb = tmp_path / "emb"
     assert main(["embed", "--data", str(synth_png), "--backbone", str(ssl_run), "--split", "val",

@@ -34,10 +34,10 @@ def test_robustness_command_writes_table(tiny_run, synth_png, tmp_path):
 
 
 def test_16bit_and_rgb_files_get_the_same_grade(tiny_run, synth_png, tmp_path):
-    from klgrade.data.images import load_view
-    from klgrade.data.manifest import image_paths, read_manifest, select_split
-    from klgrade.data.site_shift import write_shifted
-    from klgrade.train.inference import load_cnn_run, predict_views
+    from klgrade.augment.site_shift import write_shifted
+    from klgrade.ingest.manifest import image_paths, read_manifest, select_split
+    from klgrade.runs.cnn import load_cnn_run, predict_views
+    from klgrade.view.entrance import load_view
 
     loaded = load_cnn_run(tiny_run, device="cpu")
     paths = image_paths(select_split(read_manifest(synth_png), "test"))[:8]

@@ -1,11 +1,11 @@
-"""klgrade.data.roi: classical knee-joint localisation and the square crop."""
+"""klgrade.ingest.roi: classical knee-joint localisation and the square crop."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from klgrade.data import roi
-from klgrade.data.synthetic import render_bilateral, render_knee
+from klgrade.ingest import roi
+from klgrade.synthetic import render_bilateral, render_knee
 
 SHAPE = (800, 1000)  # small films keep the test fast; spacing scales so the legs fit
 
@@ -133,7 +133,7 @@ def test_to_uint16_uses_full_range():
 def test_localisation_across_film_shapes(shape, n_films):
     """The same physical films at OAI size and as a 2x-downsampled export (issue 15: 1000x1280 films
     were drawn 128-250 mm wide, too narrow for two legs): every knee within 5 mm at both."""
-    from klgrade.data.synthetic import film_spacing_range
+    from klgrade.synthetic import film_spacing_range
 
     lo, hi = film_spacing_range(shape)
     errors = []
@@ -154,7 +154,7 @@ def test_synth_at_a_smaller_shape_is_a_coarser_export_and_prepares(tmp_path, cap
     import pandas as pd
 
     from klgrade.cli import main
-    from klgrade.data.synthetic import FILM_WIDTH_MM, film_spacing_range
+    from klgrade.synthetic import FILM_WIDTH_MM, film_spacing_range
 
     assert film_spacing_range((2000, 2560)) == pytest.approx((0.1, 0.2))  # unchanged at the default
     assert film_spacing_range((1000, 1280)) == pytest.approx((0.2, 0.4))

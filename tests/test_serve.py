@@ -10,8 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from klgrade.clinic import Grader
-from klgrade.serve.app import create_app
+from klgrade.clinic.grader import Grader
+from klgrade.clinic.serve import create_app
 
 PATIENT_NAME = "SYNTH^ANONYMOUS"  # what bilateral_dataset writes into PatientName
 UPLOAD_NAME = "DOE^JANE_9912345_left.dcm"  # a file name that identifies someone
@@ -104,7 +104,7 @@ def test_upload_over_the_limit_is_413(client):
 def test_create_app_loads_a_run_once(tiny_cnn_run, tmp_path):
     app = create_app(tiny_cnn_run, max_upload_mb=1)
     assert isinstance(app.state.grader, Grader) and app.state.grader.img_size == 64
-    from klgrade.runs import RunError
+    from klgrade.rundir import RunError
 
     with pytest.raises(RunError, match="not a klgrade run"):
         create_app(tmp_path)

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
+from klgrade.augment.augment import Augment
+from klgrade.augment.site_shift import SHIFTS, SiteShiftAugment, apply_shift, shift_names, write_shifted
 from klgrade.config import AugmentConfig
-from klgrade.data.dataset import Augment
-from klgrade.data.images import read_image
-from klgrade.data.site_shift import SHIFTS, SiteShiftAugment, apply_shift, shift_names, write_shifted
-from klgrade.data.synthetic import render_knee
+from klgrade.ingest.images import read_image
+from klgrade.synthetic import render_knee
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_fused_warp_equals_framing_then_jitter():
     up to the second interpolation's smoothing."""
     import torch.nn.functional as F
 
-    from klgrade.data.dataset import Augment
+    from klgrade.augment.augment import Augment
 
     x = F.interpolate(torch.rand(5, 1, 6, 6), size=64, mode="bicubic", align_corners=False).clamp(0, 1)
     aug = Augment()

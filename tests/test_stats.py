@@ -8,7 +8,7 @@ from scipy.stats import binomtest
 
 from klgrade.evaluate import metrics as M
 from klgrade.evaluate import stats as S
-from klgrade.runs import predictions_frame
+from klgrade.rundir import predictions_frame
 
 
 def _noisy(rng, y, acc):

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from klgrade.data import synthetic as syn
+from klgrade import synthetic as syn
 
 SMALL = (500, 640)  # bilateral shape for fast DICOM tests (rows, cols) ...
 SMALL_SPACING = (0.5, 0.56)  # ... with coarse pixels so the field of view stays ~250x330 mm
@@ -159,7 +159,7 @@ def test_learnable_but_kl0_kl1_hardest():
 def test_png_dataset_manifest_valid(tmp_path):
     from PIL import Image
 
-    from klgrade.data.manifest import COLUMNS, image_paths, read_manifest
+    from klgrade.ingest.manifest import COLUMNS, image_paths, read_manifest
 
     t = time.perf_counter()
     path = syn.write_png_dataset(tmp_path / "ds", n_patients=24, seed=0, size=64)
@@ -303,7 +303,7 @@ def test_bilateral_dataset_helper_roundtrip(tmp_path):
 
 def test_cli_synth_png_and_dicom(tmp_path, capsys):
     from klgrade.cli import main
-    from klgrade.data.manifest import read_manifest
+    from klgrade.ingest.manifest import read_manifest
 
     assert main(["synth", "--patients", "4", "--out", str(tmp_path / "png"), "--size", "32", "--seed", "1"]) == 0
     df = read_manifest(tmp_path / "png")

@@ -58,7 +58,7 @@ def test_config_yaml_file_then_flags_override(tmp_path):
 
 
 def test_site_shift_ranges_are_part_of_the_saved_config(tmp_path):
-    from klgrade.data.dataset import Augment
+    from klgrade.augment.augment import Augment
 
     cfg = apply_overrides(TrainConfig(), {"augment.site.p_frame": 0.1, "augment.site.noise": 0.02})
     save_config(cfg, tmp_path / "run.yaml")
@@ -85,7 +85,7 @@ def test_config_errors_name_file_and_key(tmp_path, content, msg):
 
 # ----------------------------------------------------------------------------- losses / augment
 def test_sord_loss_is_ordinal_and_class_weights_favour_rare_grades():
-    from klgrade.models.losses import GradingLoss, class_weights, sord_targets
+    from klgrade.train.losses import GradingLoss, class_weights, sord_targets
 
     t = sord_targets(torch.tensor([2]))
     assert torch.allclose(t.sum(1), torch.ones(1)) and t.argmax() == 2 and t[0, 1] > t[0, 0]
@@ -100,7 +100,7 @@ def test_sord_loss_is_ordinal_and_class_weights_favour_rare_grades():
 
 
 def test_augment_is_seeded_plausible_and_extensible():
-    from klgrade.data.dataset import Augment
+    from klgrade.augment.augment import Augment
 
     x = torch.rand(4, 1, 32, 32)
     aug = Augment(AugmentConfig())
@@ -193,9 +193,9 @@ def test_tiny_model_beats_chance_and_writes_a_complete_run(trained_run):
 
 def test_inference_api_and_evaluate_command_reproduce_run_metrics(trained_run, synth_png, tmp_path):
     from klgrade.cli import main
-    from klgrade.data.cache import cached_views
-    from klgrade.data.manifest import image_paths, read_manifest, select_split
-    from klgrade.train.inference import load_cnn_run, predict_views
+    from klgrade.ingest.manifest import image_paths, read_manifest, select_split
+    from klgrade.runs.cnn import load_cnn_run, predict_views
+    from klgrade.view.cache import cached_views
 
     loaded = load_cnn_run(trained_run, device="cpu")
     assert loaded.img_size == 64 and len(loaded.mean) == 3 and not loaded.model.training
@@ -219,7 +219,7 @@ def test_inference_api_and_evaluate_command_reproduce_run_metrics(trained_run, s
 
 
 def test_holdout_val_when_manifest_has_none(synth_png, tmp_path):
-    from klgrade.data.manifest import read_manifest, write_manifest
+    from klgrade.ingest.manifest import read_manifest, write_manifest
     from klgrade.train.loop import train
 
     df = read_manifest(synth_png)
@@ -295,7 +295,7 @@ def test_resume_after_sigkill_equals_uninterrupted(synth_png, tmp_path):
 
 # ----------------------------------------------------------------------------- precision
 def test_mixed_precision_follows_the_hardware(monkeypatch):
-    from klgrade.train import inference as inf
+    from klgrade.runs import device as inf
 
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(inf, "cpu_has_native_bf16", lambda: True)
@@ -310,9 +310,10 @@ def test_mixed_precision_follows_the_hardware(monkeypatch):
 def test_bf16_inference_agrees_with_fp32(tiny_cnn_run, synth_png):
     """bf16 autocast (used on CPUs with AMX/AVX512-BF16) grades like fp32, and the run records
     the precision it trained in."""
-    from klgrade.data.images import load_view
-    from klgrade.data.manifest import read_manifest
-    from klgrade.train.inference import amp_dtype_for, load_cnn_run, predict_views
+    from klgrade.ingest.manifest import read_manifest
+    from klgrade.runs.cnn import load_cnn_run, predict_views
+    from klgrade.runs.device import amp_dtype_for
+    from klgrade.view.entrance import load_view
 
     loaded = load_cnn_run(tiny_cnn_run, device="cpu")
     resolved = io.read_yaml(tiny_cnn_run / "config.yaml")["resolved"]
@@ -335,8 +336,9 @@ def test_gpu_augmentation_never_waits_for_the_gpu_and_matches_the_cpu():
     syncs in it made training on an H100 run at 0.31x the bare step's images/s. The random draws
     come from the CPU generator, so the GPU result equals the CPU one (noise aside: it is drawn on
     the device's own generator)."""
+    from klgrade.augment.augment import Augment
     from klgrade.config import SiteShiftConfig
-    from klgrade.data.dataset import Augment, normalize
+    from klgrade.view.batches import normalize
 
     views = torch.randint(0, 256, (32, 64, 64), dtype=torch.uint8)
 

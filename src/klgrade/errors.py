@@ -1,7 +1,7 @@
 """The errors a user can cause, at the bottom of the import graph (this module imports nothing).
 
 Each is printed by the CLI as one line (``klgrade COMMAND: error: ...``), rc 1, no traceback. They
-are re-exported from their old homes (klgrade.cli, klgrade.data.manifest, klgrade.runs,
+are re-exported from their old homes (klgrade.cli, klgrade.ingest.manifest, klgrade.rundir,
 klgrade.models.registry), so existing imports keep working.
 """
 from __future__ import annotations

@@ -19,10 +19,10 @@ def register(srcs) -> None:
 
 
 def run(args) -> int:
-    from klgrade.data.folders import finalize
-    from klgrade.data.manifest import refuse_existing, summarize
-    from klgrade.data.splits import parse_fractions
-    from klgrade.data.tables import ingest_csv
+    from klgrade.ingest.folders import finalize
+    from klgrade.ingest.manifest import refuse_existing, summarize
+    from klgrade.ingest.splits import parse_fractions
+    from klgrade.ingest.tables import ingest_csv
 
     refuse_existing(args.out, args.overwrite)  # before any work: never replace a dataset silently
     result = ingest_csv(args.table, args.out, root=args.root)

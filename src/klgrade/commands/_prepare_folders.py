@@ -21,9 +21,9 @@ def register(srcs) -> None:
 
 
 def run(args) -> int:
-    from klgrade.data.folders import finalize, ingest_folders
-    from klgrade.data.manifest import refuse_existing, summarize
-    from klgrade.data.splits import parse_fractions
+    from klgrade.ingest.folders import finalize, ingest_folders
+    from klgrade.ingest.manifest import refuse_existing, summarize
+    from klgrade.ingest.splits import parse_fractions
 
     fractions = parse_fractions(args.split)
     refuse_existing(args.out, args.overwrite)  # before any work: never replace a dataset silently

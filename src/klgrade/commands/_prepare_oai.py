@@ -33,10 +33,10 @@ def register(srcs) -> None:
 
 
 def run(args) -> int:
-    from klgrade.cli import UserError
-    from klgrade.data.oai import KNEE_SERIES, LabelError, format_summary, prepare_oai
-    from klgrade.data.roi import MIN_CONFIDENCE
-    from klgrade.data.splits import parse_fractions
+    from klgrade.errors import UserError
+    from klgrade.ingest.oai import KNEE_SERIES, LabelError, format_summary, prepare_oai
+    from klgrade.ingest.roi import MIN_CONFIDENCE
+    from klgrade.ingest.splits import parse_fractions
 
     try:
         visits = None if args.visits.strip().lower() == "all" else [int(v) for v in args.visits.split(",") if v]

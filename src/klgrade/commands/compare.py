@@ -36,7 +36,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from klgrade.cli import UserError
+    from klgrade.errors import UserError
 
     if args.n_boot < 1:
         raise UserError(f"--n-boot must be >= 1, got {args.n_boot}")

@@ -39,10 +39,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from klgrade.cli import UserError
-    from klgrade.data.manifest import ManifestError
-    from klgrade.embeddings import StoreError, embed_dataset
-    from klgrade.models.embedders import default_device
+    from klgrade.errors import UserError
+    from klgrade.embed.embedders import default_device
+    from klgrade.embed.store import StoreError, embed_dataset
+    from klgrade.ingest.manifest import ManifestError
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")

@@ -3,8 +3,9 @@
     klgrade evaluate --run runs/resnet18 --split test                  # the run's own dataset
     klgrade evaluate --run runs/resnet18 --data other_data --split test --tta flip --out eval/other
 
-Writes predictions_<split>.csv and metrics_<split>.json into the run (or --out). Works for CNN runs
-and for embedding-head runs (config.yaml ``kind: head``), which klgrade.models.heads evaluates.
+Writes predictions_<split>.csv and metrics_<split>.json into the run (or --out). Every run kind
+(CNN runs, embedding-head runs) is graded the same way (klgrade.runs.load_run) on the same views,
+with every option honoured: what predict gives for a file, evaluate gives for it too.
 Existing results are never replaced silently: re-evaluating a run on its own dataset refreshes its
 own files, anything else that would replace a predictions file needs --overwrite (another dataset's
 predictions written into the run dir would otherwise be taken by `compare` as the run's own).
@@ -36,22 +37,14 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from klgrade.cli import UserError
-    from klgrade.runs import read_config, run_dataset
+    from klgrade.rundir import read_config, run_dataset
 
     cfg = read_config(args.run)
     data = run_dataset(args.run, args.data)
     out = Path(args.out) if args.out else Path(args.run)
     _refuse_overwrite(args, cfg, data, out)
-    kind = cfg.get("kind", "cnn")
-    if kind == "head":
-        metrics = _evaluate_head(args, data, out)
-    elif kind == "cnn":
-        metrics = evaluate_cnn_run(args.run, data, args.split, out, tta=args.tta, device=args.device,
-                                   batch_size=args.batch_size, workers=args.workers,
-                                   cache_dir=args.cache_dir)
-    else:
-        raise UserError(f"{args.run}: unknown run kind {kind!r} in config.yaml (expected cnn or head)")
+    metrics = evaluate_run(args.run, data, args.split, out, tta=args.tta, device=args.device,
+                           batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache_dir)
     if metrics:
         print(f"{args.split}: QWK {metrics['qwk']:.4f}  adjacent {metrics['adjacent_accuracy']:.4f}  "
               f"accuracy {metrics['accuracy']:.4f}  F1 per grade {[round(f, 3) for f in metrics['f1']]}")
@@ -68,7 +61,7 @@ def _same_path(a, b) -> bool:
 def _refuse_overwrite(args, cfg: dict, data: str, out) -> None:
     """Refuse to replace an existing predictions file unless it is the run's own evaluation on its
     own dataset (what train wrote and evaluate refreshes) or --overwrite was given."""
-    from klgrade.cli import UserError
+    from klgrade.errors import UserError
 
     target = out / f"predictions_{args.split}.csv"
     if args.overwrite or not target.exists():
@@ -80,33 +73,22 @@ def _refuse_overwrite(args, cfg: dict, data: str, out) -> None:
                         f"pass --out DIR to write elsewhere, or --overwrite to replace them")
 
 
-def _evaluate_head(args, data: str, out) -> dict:
-    """An embedding-head run: its images go through the embedding store, not the decode cache, and
-    its head has no flip TTA, so those options are refused rather than ignored."""
-    from klgrade.cli import UserError
-    from klgrade.models.heads import evaluate_head_run
+def evaluate_run(run_dir, data, split: str, out_dir, tta: str | None = None, device: str = "auto",
+                 batch_size: int = 64, workers: int = 0, cache_dir=None) -> dict:
+    """Predict ``split`` of dataset ``data`` with any run (klgrade.runs.load_run) on the views of the
+    decode cache; write predictions/metrics to ``out_dir``."""
+    from klgrade.ingest.manifest import image_paths, image_sides, read_manifest, select_split
+    from klgrade.rundir import write_predictions
+    from klgrade.runs import load_run
+    from klgrade.view.cache import cached_views
 
-    if args.tta == "flip":
-        raise UserError(f"{args.run}: --tta flip is not available for embedding-head runs (use --tta none)")
-    if args.cache_dir:
-        raise UserError(f"{args.run}: --cache-dir does not apply to embedding-head runs (their vectors "
-                        f"are stored under --out/embeddings); leave it out")
-    return evaluate_head_run(args.run, data, args.split, out=out if args.out else None,
-                             batch_size=args.batch_size, device=args.device, workers=args.workers)
-
-
-def evaluate_cnn_run(run_dir, data, split: str, out_dir, tta: str | None = None, device: str = "auto",
-                     batch_size: int = 64, workers: int = 0, cache_dir=None) -> dict:
-    """Predict ``split`` of dataset ``data`` with a CNN run; write predictions/metrics to ``out_dir``."""
-    from klgrade.data.cache import cached_views
-    from klgrade.data.manifest import image_paths, read_manifest, select_split
-    from klgrade.runs import write_predictions
-    from klgrade.train.inference import load_cnn_run, predict_views
-
-    loaded = load_cnn_run(run_dir, device=device)
-    tta = tta or loaded.config.get("tta", "none")
+    predictor = load_run(run_dir, device=device)
+    tta = tta or predictor.tta
     df = select_split(read_manifest(data), split)  # read_manifest refuses patient leakage
-    views = cached_views(image_paths(df), loaded.img_size, cache_dir or loaded.config.get("cache_dir"))
-    probs = predict_views(loaded, views, batch_size=batch_size, tta=tta, progress=True, workers=workers)
+    views = cached_views(image_paths(df), predictor.img_size, cache_dir or predictor.config.get("cache_dir"),
+                         sides=image_sides(df))
+    probs = predictor.predict_views(views, tta=tta, batch_size=batch_size, progress=True, workers=workers)
     return write_predictions(out_dir, split, df, probs,
                              extra_metrics={"tta": tta, "data": str(data), "run": str(run_dir)})
+
+

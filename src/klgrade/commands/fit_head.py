@@ -36,7 +36,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def register(sub) -> None:
-    from klgrade.models.heads import HEADS, HeadConfig
+    from klgrade.heads import HEADS, HeadConfig
 
     d = HeadConfig()
     p = sub.add_parser("fit-head", help="fit an mlp/linear/xgboost head on an embedding store into a run dir",
@@ -74,14 +74,14 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from klgrade.cli import UserError
-    from klgrade.data.manifest import ManifestError
-    from klgrade.embeddings import StoreError
-    from klgrade.models.heads import HeadConfig, fit_head
+    from klgrade.errors import UserError
+    from klgrade.embed.store import StoreError
+    from klgrade.heads import HeadConfig, fit_head
+    from klgrade.ingest.manifest import ManifestError
 
     device = args.device
     if device == "auto":
-        from klgrade.models.embedders import default_device
+        from klgrade.embed.embedders import default_device
 
         device = default_device()
     if args.epochs < 1 or args.batch_size < 1:

@@ -30,8 +30,8 @@ def register(sub) -> None:
 
 def _inputs(data):
     """[(image_id, path, klg or None)] from a manifest, else every image file under ``data``."""
-    from klgrade.cli import UserError
-    from klgrade.data.manifest import image_paths, manifest_path, read_manifest
+    from klgrade.errors import UserError
+    from klgrade.ingest.manifest import image_paths, manifest_path, read_manifest
 
     if manifest_path(data).is_file():
         df = read_manifest(data)
@@ -50,10 +50,10 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from klgrade import io
-    from klgrade.cli import UserError
-    from klgrade.data.dicom import DicomError
-    from klgrade.data.images import ImageReadError
-    from klgrade.data.manifest import write_rejects
+    from klgrade.errors import UserError
+    from klgrade.ingest.dicom import DicomError
+    from klgrade.ingest.images import ImageReadError
+    from klgrade.ingest.manifest import write_rejects
     from klgrade.measure.files import measure_image, read
     from klgrade.measure.overlay import contact_sheet, label
 

@@ -38,7 +38,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from klgrade import io
-    from klgrade.clinic import ClinicError, Grader
+    from klgrade.clinic.grader import ClinicError, Grader
 
     grader = Grader.from_run(args.run, device=args.device, tta=args.tta)
     heat_dir = Path(args.heatmaps) if args.heatmaps else None
@@ -113,16 +113,16 @@ def _print_table(results: list[dict]) -> None:
 
 
 def _model_info(grader):
-    from klgrade.pacs.grading import model_info
+    from klgrade.clinic.pacs.grading import model_info
 
     return model_info(grader)
 
 
 def _dicom_out(grader, f, out_dir, model, keep_heatmaps: bool) -> dict:
-    """Grade through klgrade.pacs (Grader.knees + Grader.grade, as predict_file) and write the SR
+    """Grade through klgrade.clinic.pacs (Grader.knees + Grader.grade, as predict_file) and write the SR
     (+ SC); a film with nothing gradable still gets its "not graded" SR, then counts as an error."""
-    from klgrade.clinic import ClinicError
-    from klgrade.pacs.results import write_local
+    from klgrade.clinic.grader import ClinicError
+    from klgrade.clinic.pacs.results import write_local
 
     res, written = write_local(grader, f, out_dir, model)
     if res.reason:

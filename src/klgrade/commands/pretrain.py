@@ -51,7 +51,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from klgrade.cli import UserError
+    from klgrade.errors import UserError
     from klgrade.config import ConfigError, apply_overrides
     from klgrade.pretrain import loop
     from klgrade.pretrain.config import PretrainConfig

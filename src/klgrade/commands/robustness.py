@@ -33,10 +33,10 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from klgrade.cli import UserError
-    from klgrade.data.site_shift import shift_names
+    from klgrade.augment.site_shift import shift_names
+    from klgrade.errors import UserError
     from klgrade.evaluate.robustness import evaluate_robustness, robustness_table, table_markdown
-    from klgrade.runs import run_dataset
+    from klgrade.rundir import run_dataset
 
     data = run_dataset(args.run, args.data)
     try:

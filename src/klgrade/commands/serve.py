@@ -38,8 +38,8 @@ def run(args) -> int:
 
     import uvicorn
 
-    from klgrade.cli import UserError
-    from klgrade.serve.app import DEFAULT_ALLOWED_HOSTS, create_app
+    from klgrade.errors import UserError
+    from klgrade.clinic.serve import DEFAULT_ALLOWED_HOSTS, create_app
 
     if args.max_upload_mb <= 0:
         raise UserError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
@@ -53,7 +53,7 @@ def run(args) -> int:
     app = create_app(args.run, device=args.device, tta=args.tta, max_upload_mb=args.max_upload_mb,
                      heatmaps=not args.no_heatmaps, allowed_hosts=hosts)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        logging.getLogger("klgrade.serve").warning(
+        logging.getLogger("klgrade.clinic").warning(
             "listening on %s: reachable from other machines, with no authentication or TLS", args.host)
     _limit_malloc_arenas()
     # uvicorn's access log line is "client - method path status": no upload name, no header.

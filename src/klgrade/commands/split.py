@@ -18,9 +18,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from klgrade.cli import UserError
-    from klgrade.data.manifest import read_manifest, summarize, write_manifest
-    from klgrade.data.splits import holdout_split, parse_fractions, patient_split
+    from klgrade.errors import UserError
+    from klgrade.ingest.manifest import read_manifest, summarize, write_manifest
+    from klgrade.ingest.splits import holdout_split, parse_fractions, patient_split
 
     df = read_manifest(args.data, check_leakage=args.holdout is not None)
     for rule in args.rename:

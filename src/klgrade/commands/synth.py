@@ -10,7 +10,7 @@ import argparse
 
 
 def _visits(text: str) -> tuple[int, ...]:
-    from klgrade.data.synthetic import VISIT_CODES
+    from klgrade.synthetic import VISIT_CODES
 
     try:
         vals = tuple(int(v) for v in text.split(",") if v.strip())
@@ -53,8 +53,8 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from klgrade.cli import UserError
-    from klgrade.data import synthetic as syn
+    from klgrade import synthetic as syn
+    from klgrade.errors import UserError
 
     if args.patients < 1:
         raise UserError(f"--patients must be >= 1 (got {args.patients})")
@@ -73,7 +73,7 @@ def run(args) -> int:
                                          visits=visits, visits_per_patient=vpp, split=args.split)
         except ValueError as e:
             raise UserError(str(e)) from e
-        from klgrade.data.manifest import read_manifest, summarize
+        from klgrade.ingest.manifest import read_manifest, summarize
 
         df = read_manifest(path)
         print(f"wrote {len(df)} PNG crops of {df['patient_id'].nunique()} patients; manifest {path}")

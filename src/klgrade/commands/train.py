@@ -68,13 +68,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from klgrade.cli import UserError
+    from klgrade.errors import UserError
     from klgrade.config import ConfigError, TrainConfig, apply_overrides, load_train_config
     from klgrade.train import loop
 
     given = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
     if given.get("weights") and not args.resume:
-        from klgrade.pretrain.backbone import model_for_weights
+        from klgrade.models.pretrain_weights import model_for_weights
 
         # a pretrain run dir names its model; a different --model is refused when it is loaded
         run_model, given["weights"] = model_for_weights(given["weights"])

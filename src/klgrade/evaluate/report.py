@@ -27,7 +27,7 @@ from klgrade.evaluate.figures import (  # noqa: F401  (re-exported)
     figure_curves_and_calibration,
     read_history,
 )
-from klgrade.runs import RunError, read_config, read_predictions, run_name
+from klgrade.rundir import RunError, read_config, read_predictions, run_name
 
 # Table 1 in the study's shape: (Metric group, Grade/label, key into flattened metrics).
 TABLE1_ROWS: list[tuple[str, str, str]] = (

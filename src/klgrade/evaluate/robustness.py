@@ -1,8 +1,8 @@
 """Robustness to site shift: a run graded on the same images re-rendered as other sites would.
 
 Each image of a split is re-rendered from its ORIGINAL file under every controlled shift of
-klgrade.data.site_shift (zoom +-30%, off-centre, non-square, gamma, blur, noise, 16-bit, RGB),
-written as a file, read back with klgrade.data.images.read_image and turned into the model's
+klgrade.augment.site_shift (zoom +-30%, off-centre, non-square, gamma, blur, noise, 16-bit, RGB),
+written as a file, read back with klgrade.ingest.images.read_image and turned into the model's
 input by the same canonical view the model always uses. QWK (and accuracy, adjacent accuracy,
 MAE) per shift is reported beside the clean score, all from klgrade.evaluate.metrics.
 
@@ -28,41 +28,19 @@ TABLE_COLUMNS = ["shift", "description", "n", "qwk", "qwk_drop", "accuracy", "ad
                  "mae", "view_ok"]
 
 
-def _predictor(run_dir: Path, device: str, tta: str | None, batch_size: int):
-    """(input size, views -> (N,5) probs, description) for a CNN run or an embedding-head run."""
-    from klgrade.runs import RunError, read_config
-
-    kind = read_config(run_dir).get("kind", "cnn")
-    if kind == "cnn":
-        from klgrade.train.inference import load_cnn_run, predict_views
-
-        loaded = load_cnn_run(run_dir, device=device)
-        t = tta or loaded.config.get("tta", "none")
-        return loaded.img_size, (lambda v: predict_views(loaded, v, batch_size=batch_size, tta=t)), \
-            f"cnn {loaded.config.get('model')} (tta {t})"
-    if kind == "head":
-        from klgrade.models.heads import load_head_run
-
-        head = load_head_run(run_dir, device=None if device == "auto" else device)
-        return head.input_size, (lambda v: head.predict_views(v, batch_size=batch_size)), \
-            f"head {head.head} on {head.backbone}"
-    raise RunError(f"{run_dir}: unknown run kind {kind!r} (cnn or head)")
-
-
 def _views(paths: Sequence[Path], size: int, workers: int, desc: str, progress: bool,
-           render: Callable[[Path, int], Path] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Canonical views (N,size,size) uint8 of the files (re-rendered first by ``render``) and
-    whether each view was established (ViewInfo.ok)."""
-    from klgrade.data.canonical import canonical_view
-    from klgrade.data.images import read_image
+           render: Callable[[Path, int], Path] | None = None,
+           sides: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Views (N,size,size) uint8 of the files (re-rendered first by ``render``) through the one view
+    entrance, and whether each view was established (ViewInfo.ok)."""
+    from klgrade.view.entrance import view_file
 
     out = np.empty((len(paths), size, size), np.uint8)
     ok = np.zeros(len(paths), bool)
 
     def work(i: int) -> None:
         p = render(paths[i], i) if render else paths[i]
-        # exactly what klgrade.data.images.load_view does for a PNG, keeping the ViewInfo
-        out[i], info = canonical_view(read_image(p), size)
+        out[i], info = view_file(p, size, sides[i] if sides else None)
         ok[i] = info.ok
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
@@ -81,8 +59,9 @@ def evaluate_robustness(run_dir: str | Path, data: str | Path, split: str = "tes
     ``limit``: a seeded, patient-agnostic random subset of that many images (quick looks only).
     ``keep_renders``: keep the re-rendered files under ``out/renders/<shift>/``.
     """
-    from klgrade.data.manifest import image_paths, read_manifest, select_split
-    from klgrade.data.site_shift import SHIFTS, shift_names, write_shifted
+    from klgrade.augment.site_shift import SHIFTS, shift_names, write_shifted
+    from klgrade.ingest.manifest import image_paths, image_sides, read_manifest, select_split
+    from klgrade.runs import load_run
 
     run_dir = Path(run_dir)
     names = shift_names(shifts)
@@ -91,7 +70,10 @@ def evaluate_robustness(run_dir: str | Path, data: str | Path, split: str = "tes
         df = df.sample(n=limit, random_state=seed).sort_index()
     paths = [Path(p) for p in image_paths(df)]
     y = df["klg"].astype(int).to_numpy()
-    size, predict, model_desc = _predictor(run_dir, device, tta, batch_size)
+    predictor = load_run(run_dir, device=device)
+    size, tta = predictor.img_size, tta or predictor.tta
+    model_desc = f"{predictor.description} (tta {tta})"
+    sides = image_sides(df)
     res: dict = {"run": str(run_dir), "data": str(data), "split": split, "model": model_desc, "n": len(df),
                  "target_drop": TARGET_DROP, "shifts": {}}
     preds: dict[str, np.ndarray] = {}
@@ -109,8 +91,8 @@ def evaluate_robustness(run_dir: str | Path, data: str | Path, split: str = "tes
                 def render(p: Path, i: int, name=name) -> Path:
                     return write_shifted(p, name, root / name / f"{i:06d}_{p.stem}.png", key=p.stem)
 
-            views, ok = _views(paths, size, workers, f"views {name}", progress, render)
-            probs = predict(views)
+            views, ok = _views(paths, size, workers, f"views {name}", progress, render, sides)
+            probs = predictor.predict_views(views, tta=tta, batch_size=batch_size)
             pred = probs.argmax(axis=1)
             preds[name] = pred
             res["shifts"][name] = {"description": desc, "view_ok": float(ok.mean()),

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from klgrade.evaluate import metrics as M
-from klgrade.runs import PROB_COLUMNS, RunError
+from klgrade.rundir import PROB_COLUMNS, RunError
 
 N_BINS = 10  # ECE bins, as in metrics.probability_metrics' default
 # per-grade F1 too: where a gap between two approaches sits (KL1? KL2-3?) is part of the answer
@@ -68,7 +68,7 @@ def _examples(ids, k: int = 3) -> str:
 
 
 def align_predictions(frames: Mapping[str, pd.DataFrame]) -> Aligned:
-    """Align predictions tables (``klgrade.runs`` format) on ``image_id``.
+    """Align predictions tables (``klgrade.rundir`` format) on ``image_id``.
 
     Refuses (AlignmentError) rather than intersecting: a comparison on a silently shrunk test set
     would not be the comparison the user asked for. The order is that of the first run.

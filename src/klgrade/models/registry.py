@@ -1,7 +1,7 @@
 """The one registry of models klgrade knows: end-to-end CNNs and frozen embedders.
 
 Each entry says how to build the network, what input it expects (size, normalisation) and where its
-pretrained weights come from. Builders live in models/cnn.py and models/embedders.py; they look up
+pretrained weights come from. Builders live in models/cnn.py and embed/embedders.py; they look up
 entries here. Any timm model name not listed is accepted as a CNN with timm's own defaults.
 """
 from __future__ import annotations

@@ -3,6 +3,6 @@
 A pretrain run dir is a backbone everywhere: :func:`load_pretrain_backbone` is the one loader
 behind ``klgrade train --weights RUN``, ``klgrade embed --backbone RUN`` and ``pretrain --init RUN``.
 """
-from klgrade.pretrain.backbone import PretrainBackbone, is_pretrain_run, load_pretrain_backbone
+from klgrade.models.pretrain_weights import PretrainBackbone, is_pretrain_run, load_pretrain_backbone
 
 __all__ = ["PretrainBackbone", "is_pretrain_run", "load_pretrain_backbone"]

@@ -1,14 +1,14 @@
 """Two random views of each canonical knee view, for self-supervised pretraining.
 
 Batched on the device, randomness drawn on the CPU from a seeded generator (as
-klgrade.data.dataset.Augment), so a resumed run sees the very views an uninterrupted one saw.
+klgrade.augment.augment.Augment), so a resumed run sees the very views an uninterrupted one saw.
 
 Geometry: a random resized crop whose window always contains the joint centre (the canonical
 view puts it at (0.5, JOINT_ROW)), with a small rotation and a horizontal flip, in ONE bilinear
 resampling. Natural-image recipes crop anywhere (8% of the area): on a knee view most such crops
 show only bone shaft or soft tissue, and the views would agree on nothing KL grading needs.
 Intensity: gamma, contrast, brightness, then blur and noise from
-klgrade.data.site_shift.SiteShiftAugment (the same kernels the supervised augmentation uses).
+klgrade.augment.site_shift.SiteShiftAugment (the same kernels the supervised augmentation uses).
 No colour jitter: the images are gray.
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from klgrade.augment.site_shift import SiteShiftAugment
 from klgrade.config import SiteShiftConfig
-from klgrade.data.canonical import JOINT_ROW
-from klgrade.data.dataset import to_device
-from klgrade.data.site_shift import SiteShiftAugment
 from klgrade.pretrain.config import SSLAugmentConfig
+from klgrade.view.batches import to_device
+from klgrade.view.canonical import JOINT_ROW
 
 JOINT_XY = (0.0, 2 * JOINT_ROW - 1)  # the joint centre in grid units (align_corners=False)
 

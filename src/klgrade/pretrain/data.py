@@ -3,7 +3,7 @@
 Held-out discipline: only rows of ``cfg.splits`` (default train) are pretrained on, so the images
 used for reporting are never seen, not even unlabelled. Each dataset is recorded in config.yaml by
 fingerprint: the manifest file's sha256 and a sha1 over the (image_id, path, size) rows used.
-Every image becomes a model input through the decode cache (klgrade.data.cache.cached_views), i.e.
+Every image becomes a model input through the decode cache (klgrade.view.cache.cached_views), i.e.
 the one canonical view function.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ def select(df: pd.DataFrame, splits: list[str]) -> pd.DataFrame:
 
 def read_datasets(cfg: PretrainConfig) -> tuple[pd.DataFrame, list[dict], list[pd.DataFrame]]:
     """(rows to pretrain on, fingerprints, each dataset's full manifest)."""
-    from klgrade.data.manifest import image_paths, manifest_path, read_manifest
+    from klgrade.ingest.manifest import image_paths, manifest_path, read_manifest
 
     parts, prints, full = [], [], []
     for i, d in enumerate(cfg.data):
@@ -78,8 +78,8 @@ def monitor_set(cfg: PretrainConfig, rows: pd.DataFrame, views: np.ndarray, full
                 progress: bool) -> MonitorSet:
     """Fixed, seeded subsets: RankMe on pretraining images; kNN (labelled train -> val) on the
     datasets that have a val split which is not itself pretrained on."""
-    from klgrade.data.cache import cached_views
-    from klgrade.data.manifest import image_paths
+    from klgrade.ingest.manifest import image_paths
+    from klgrade.view.cache import cached_views
 
     rng = np.random.default_rng(cfg.seed)
     m = cfg.monitor_images
@@ -104,7 +104,7 @@ def monitor_set(cfg: PretrainConfig, rows: pd.DataFrame, views: np.ndarray, full
 
 def load_pretrain_data(cfg: PretrainConfig, dist) -> PretrainData:
     """Rank 0 decodes into the cache; the other processes then open the finished cache."""
-    from klgrade.data.cache import cached_views
+    from klgrade.view.cache import cached_views
 
     rows, prints, full = read_datasets(cfg)
     paths = rows["abs_path"].tolist()

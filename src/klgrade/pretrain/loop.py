@@ -3,7 +3,7 @@
 Built from klgrade.train.loop's pieces (distributed setup, per-epoch seeding, RNG state, warm-up +
 cosine schedule) so a pretrain run behaves like a CNN run: exact resume from last.pt after a
 SIGKILL (each epoch's sample order and augmentation come from (seed, epoch, rank) alone), bf16
-autocast + channels-last where klgrade.train.inference says they pay, atomic writes, tqdm.
+autocast + channels-last where klgrade.runs.cnn says they pay, atomic writes, tqdm.
 
 Run dir: config.yaml (kind: pretrain, resolved: images by fingerprint, init weights source),
 checkpoint.pt (the encoder after the latest epoch, no classifier), last.pt (everything for resume),
@@ -23,11 +23,10 @@ from tqdm import tqdm
 import klgrade
 from klgrade import io
 from klgrade.config import save_config
-from klgrade.data.dataset import ViewBatches, make_loader, normalize, set_epoch
 from klgrade.pretrain.augment import SSLAugment
 from klgrade.pretrain.config import PretrainConfig, load_pretrain_config
-from klgrade.runs import RunError
-from klgrade.train.inference import choose_layout
+from klgrade.rundir import RunError
+from klgrade.runs.device import choose_layout
 from klgrade.train.loop import (
     _device,
     epoch_seed,
@@ -39,6 +38,7 @@ from klgrade.train.loop import (
     unwrap,
     warmup_cosine,
 )
+from klgrade.view.batches import ViewBatches, make_loader, normalize, set_epoch
 
 log = logging.getLogger(__name__)
 

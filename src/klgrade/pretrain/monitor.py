@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from klgrade.data.dataset import views_to_tensor
+from klgrade.view.batches import views_to_tensor
 
 
 def rankme(z: np.ndarray, eps: float = 1e-7) -> float:

@@ -1,7 +1,7 @@
 """Training loop for end-to-end CNNs: one process, or DistributedDataParallel under torchrun.
 
 - AdamW (no weight decay on norms/biases, via timm) with linear warm-up and cosine decay, stepped
-  per batch; class-weighted ordinal loss by default (klgrade.models.losses).
+  per batch; class-weighted ordinal loss by default (klgrade.train.losses).
 - Mixed precision (bf16, or fp16 + GradScaler) and channels-last on GPU and on CPUs with native
   bf16 (AMX / AVX512-BF16: 2-3x faster there); fp32 on other CPUs.
 - Every epoch: validation QWK; ``checkpoint.pt`` when it improves; ``history.csv``; ``last.pt``
@@ -29,11 +29,13 @@ from tqdm import tqdm
 
 import klgrade
 from klgrade import io
+from klgrade.augment.augment import Augment
 from klgrade.config import TrainConfig, save_config
-from klgrade.data.dataset import Augment, ViewBatches, make_loader, normalize, set_epoch
 from klgrade.grades import N_GRADES
-from klgrade.runs import RunError, write_predictions
-from klgrade.train.inference import choose_layout, predict_batches, resolve_device
+from klgrade.rundir import RunError, write_predictions
+from klgrade.runs.cnn import predict_batches
+from klgrade.runs.device import choose_layout, resolve_device
+from klgrade.view.batches import ViewBatches, make_loader, normalize, set_epoch
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +100,15 @@ class SplitData:
 
 
 def load_data(cfg: TrainConfig, img_size: int, dist: Dist) -> SplitData:
-    from klgrade.data.cache import cached_views
-    from klgrade.data.manifest import ManifestError, check_no_leakage, image_paths, read_manifest
-    from klgrade.data.splits import holdout_split
+    from klgrade.ingest.manifest import (
+        ManifestError,
+        check_no_leakage,
+        image_paths,
+        image_sides,
+        read_manifest,
+    )
+    from klgrade.ingest.splits import holdout_split
+    from klgrade.view.cache import cached_views
 
     df = read_manifest(cfg.data)  # validates and refuses patient leakage across splits
     root = df.attrs["root"]
@@ -119,10 +127,10 @@ def load_data(cfg: TrainConfig, img_size: int, dist: Dist) -> SplitData:
     paths = image_paths(df)
     # Rank 0 decodes; the others then open the finished cache instead of decoding it again.
     if dist.is_main:
-        views = cached_views(paths, img_size, cfg.cache_dir, progress=True)
+        views = cached_views(paths, img_size, cfg.cache_dir, progress=True, sides=image_sides(df))
     dist.barrier()
     if not dist.is_main:
-        views = cached_views(paths, img_size, cfg.cache_dir, progress=False)
+        views = cached_views(paths, img_size, cfg.cache_dir, progress=False, sides=image_sides(df))
     rows = {s: np.flatnonzero(df["split"].to_numpy() == s) for s in ("train", "val", "test")}
     return SplitData(df=df, views=views, rows=rows, val_source=val_source)
 
@@ -176,7 +184,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def recorded_layout(out: Path, device: str | None) -> dict | None:
     """The run's resolved facts (precision/layout among them) when it resumes on the same device."""
-    from klgrade.runs import read_config
+    from klgrade.rundir import read_config
 
     resolved = read_config(out).get(RESOLVED_KEY) or {}
     return resolved if device is None or str(device) == resolved.get("device") else None
@@ -185,7 +193,7 @@ def recorded_layout(out: Path, device: str | None) -> dict | None:
 def restore_last(out: Path, model, optimizer, scheduler, scaler) -> dict | None:
     """Restore model, optimizer, scheduler, scaler and RNG states from ``out/last.pt``; returns the
     checkpoint (for the run's own counters), or None when there is none yet."""
-    from klgrade.train.inference import read_checkpoint
+    from klgrade.rundir import read_checkpoint
 
     path = out / LAST_NAME
     if not path.is_file():
@@ -207,7 +215,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, resuming: bool = False,
                  recorded: dict | None = None):
         from klgrade.models.cnn import build_model
-        from klgrade.models.losses import make_loss
+        from klgrade.train.losses import make_loss
 
         cfg.validate()
         if not cfg.data:
@@ -281,7 +289,7 @@ class Trainer:
     @classmethod
     def resume(cls, out_dir: str | Path, device: str | None = None, workers: int | None = None) -> Trainer:
         from klgrade.config import apply_overrides, from_dict
-        from klgrade.runs import read_config
+        from klgrade.rundir import read_config
 
         out = Path(out_dir)
         raw = read_config(out)
@@ -446,7 +454,7 @@ class Trainer:
 
     def finish(self) -> dict:
         """Reload the best checkpoint and write predictions/metrics for val (and test)."""
-        from klgrade.train.inference import read_checkpoint
+        from klgrade.rundir import read_checkpoint
 
         ck = read_checkpoint(self.out / BEST_NAME, map_location=self.device)
         unwrap(self.model).load_state_dict(ck["model"])

@@ -1,0 +1,1 @@
+"""Training-time augmentation and site-shift renders."""

@@ -1,0 +1,1 @@
+"""The clinic: grade files (predict, serve), explain, export, PACS."""

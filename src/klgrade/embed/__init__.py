@@ -1,0 +1,1 @@
+"""Frozen embedders and the embedding store."""

@@ -1,0 +1,1 @@
+"""Ingest: archives, folders and tables of radiographs -> manifest.csv + crops."""

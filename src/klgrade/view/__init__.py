@@ -1,0 +1,1 @@
+"""The model's input view: image files -> canonical uint8 views (and their cache, batches)."""

@@ -1,0 +1,195 @@
+"""The one entrance to the model's input: a file -> the canonical view of each knee in it.
+
+Training, evaluation, embedding (through the decode cache), predict, serve, export and robustness
+all make views here, so one file gives one view whichever command reads it::
+
+    layout, knees = film_knees("film.dcm", 224)        # 'bilateral' -> [right knee, left knee]
+    view = load_view("film.dcm", 224, side="L")         # the same left-knee view, for the cache
+
+A file is read once (DICOM through klgrade.ingest.dicom, with its pixel spacing and laterality),
+a film much finer than the view is area-reduced first (``reduce_for_view``), a bilateral film
+(klgrade.view.canonical.is_bilateral) is split once and each knee viewed; anything else is one
+knee, a left one (DICOM laterality) mirrored into the canonical orientation. The image-level
+function is ``make_view`` (klgrade.view.canonical.canonical_view); a change to what it returns
+bumps klgrade.view.cache.CACHE_VERSION.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from klgrade.view.canonical import FOV_MM, ViewInfo, canonical_view, is_bilateral
+
+SIDE_NAMES = {"R": "right", "L": "left", "U": "unknown"}
+# A film is area-reduced before cropping while it stays this much finer than the views (see
+# reduce_for_view).
+VIEW_OVERSAMPLE = 1.2
+
+
+class ViewError(ValueError):
+    """A file that cannot be made into a view; the message names the file and the reason."""
+
+
+@dataclass
+class Knee:
+    """One knee ready for the model: ``view`` uint8 (S, S) in canonical orientation."""
+
+    side: str  # "R", "L" or "U" (unknown: a PNG/JPEG crop, or a DICOM without laterality)
+    view: np.ndarray | None
+    flipped: bool = False  # mirrored into the canonical orientation (a left knee)
+    location: dict | None = None  # joint centre in the source image (px), how the scale was set
+    note: str = ""  # e.g. the joint was not found and a centred crop was graded
+    error: str = ""  # a knee of a bilateral film that could not be located is reported, not guessed
+    source: tuple | None = field(default=None, repr=False)  # (image, spacing, side) to redraw it larger
+    info: ViewInfo | None = field(default=None, repr=False)  # how the view was made
+    jsw: object = None  # klgrade.measure.JSW, when the caller measured it
+
+
+def make_view(image: np.ndarray, size: int, spacing_mm=None, side: str | None = None,
+              **known) -> tuple[np.ndarray, ViewInfo]:
+    """The model's uint8 ``size`` x ``size`` view of a 2-D float image and how it was made."""
+    return canonical_view(image, size, spacing_mm=spacing_mm, side=side, **known)
+
+
+def square_view(img: np.ndarray, size: int, spacing_mm=None) -> np.ndarray:
+    """``make_view`` without its ViewInfo."""
+    return make_view(img, size, spacing_mm=spacing_mm)[0]
+
+
+def read_film(path: str | Path, display: str | None = None) -> tuple[np.ndarray, object, str]:
+    """(2-D float image, pixel spacing or None, laterality 'R'/'L'/'') of an image file; ViewError
+    naming ``display`` (default: the path) when it cannot be read."""
+    from klgrade.ingest.dicom import DicomError, radiograph_from_dataset, read_dataset
+    from klgrade.ingest.images import ImageReadError, is_dicom, read_image
+
+    path = Path(path)
+    name = display or str(path)
+    if not path.is_file():
+        raise ViewError(f"{name}: no such file")
+    try:
+        if is_dicom(path):
+            ds = read_dataset(path)
+            rad = radiograph_from_dataset(ds, name)
+            # Laterality is technical (which knee), not identifying; nothing else is read.
+            lat = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")).strip().upper()
+            return rad.pixels, rad.spacing_mm, lat if lat in ("R", "L") else ""
+        return read_image(path), None, ""
+    except (DicomError, ImageReadError) as e:
+        raise ViewError(_rename(str(e), path, name)) from e
+    except (OSError, ValueError) as e:
+        raise ViewError(f"{name}: cannot read ({type(e).__name__}: {_rename(str(e), path, name)})") from e
+
+
+def film_knees(path: str | Path, size: int, display: str | None = None,
+               sides: tuple[str, ...] = ("R", "L")) -> tuple[str, list[Knee]]:
+    """Read an image file and make the view of each knee in it: (layout, knees).
+
+    A bilateral film gives the knees of ``sides`` (default: right, then left); anything else one
+    knee, whose side comes from the DICOM's (Image)Laterality when present. Raises ViewError naming
+    ``display`` (default: the path).
+    """
+    import cv2
+
+    img, spacing, laterality = read_film(path, display)
+    try:
+        img, spacing, factor = reduce_for_view(img, spacing, size)
+        if is_bilateral(img):
+            from klgrade.ingest.roi import split_legs
+
+            cut = split_legs(img, spacing)
+            # The two knees' views are independent and mostly GIL-free (OpenCV, NumPy): make them
+            # in parallel, which takes their cost off the critical path on an idle machine.
+            return "bilateral", list(_view_pool().map(
+                lambda side: _knee(img, spacing, side, size, factor, cut), sides))
+        side = laterality or "U"
+        if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
+            img = np.ascontiguousarray(img[:, ::-1])
+        return "unilateral", [_knee(img, spacing, side, size, factor)]
+    except (ValueError, ArithmeticError, IndexError, cv2.error) as e:  # degenerate images (flat, tiny)
+        raise ViewError(f"{display or path}: cannot make a knee view ({type(e).__name__}: {e})") from e
+
+
+def view_file(path: str | Path, size: int, side: str | None = None) -> tuple[np.ndarray, ViewInfo]:
+    """The view of one knee of a file and how it was made. ``side`` ('R'/'L', e.g. a manifest's
+    ``side`` column) picks the knee of a bilateral film (default: the patient's right, as
+    canonical_view); other files have one knee and ignore it."""
+    side = str(side or "").strip().upper()
+    _, knees = film_knees(path, size, sides=(side if side in ("R", "L") else "R",))
+    knee = knees[0]
+    if knee.view is None:
+        raise ViewError(f"{path}: {knee.error}")
+    return knee.view, knee.info
+
+
+def load_view(path: str | Path, size: int, side: str | None = None) -> np.ndarray:
+    """The uint8 ``size`` x ``size`` view the models consume (see ``view_file``)."""
+    return view_file(path, size, side)[0]
+
+
+def reduce_for_view(img: np.ndarray, spacing, img_size: int) -> tuple[np.ndarray, object, int]:
+    """Area-average a film that is much finer than the views made from it: (image, spacing, factor).
+
+    An OAI film has 0.14 mm pixels; a 224-px view of the canonical ~94 mm field has 0.42 mm ones,
+    so locating and cropping at full resolution costs more than the model's forward pass, for
+    nothing. Reducing by an integer factor that keeps the film at least ``VIEW_OVERSAMPLE`` x finer
+    than the model view leaves the view the same up to resampling noise (tests check it) at a
+    fraction of the cost. Films without spacing are left alone.
+    """
+    import cv2
+
+    from klgrade.ingest.images import MIN_SIDE
+
+    if spacing is None:
+        return img, spacing, 1
+    sy, sx = (float(spacing), float(spacing)) if np.isscalar(spacing) else (float(spacing[0]), float(spacing[1]))
+    factor = int(FOV_MM / img_size / (VIEW_OVERSAMPLE * max(sy, sx)))
+    # never below the smallest usable image (a tiny film with a fine spacing would reduce to 0 px)
+    factor = min(factor, min(img.shape[:2]) // MIN_SIDE)
+    if factor < 2:
+        return img, spacing, 1
+    h, w = img.shape[0] // factor, img.shape[1] // factor
+    small = cv2.resize(np.ascontiguousarray(img[: h * factor, : w * factor], np.float32), (w, h),
+                       interpolation=cv2.INTER_AREA)
+    return small, (sy * factor, sx * factor), factor
+
+
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def _view_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Two threads shared by all callers (one per knee); server threads queue on it rather than
+    each starting more threads than the machine has cores."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="klgrade-view")
+        return _POOL
+
+
+def _rename(msg: str, path: Path, name: str) -> str:
+    return msg.replace(str(path), name) if name != str(path) else msg
+
+
+def _knee(img: np.ndarray, spacing, side: str, size: int, factor: int = 1, cut: int | None = None) -> Knee:
+    """The view of one knee of ``img`` (reduced ``factor`` x from the film: the reported centre is
+    in the film's own pixels); ``cut``: where a bilateral film splits (None: not bilateral)."""
+    bilateral = cut is not None
+    view_side = side if bilateral else None
+    view, info = make_view(img, size, spacing_mm=spacing, side=view_side, bilateral=bilateral, legs_cut=cut)
+    cx, cy = info.centre
+    if not bilateral and side == "L":  # report the centre in the film's own coordinates
+        cx = img.shape[1] - 1 - cx
+    cx, cy = (cx + 0.5) * factor - 0.5, (cy + 0.5) * factor - 0.5
+    loc = {"x": round(float(cx), 1), "y": round(float(cy), 1), "scale": info.scale_source}
+    flipped = info.flipped if bilateral else side == "L"
+    if not info.ok and bilateral:  # half a film cropped at random is not a knee: refuse rather than guess
+        return Knee(side=side, view=None, location=loc, flipped=flipped, info=info,
+                    error=f"{SIDE_NAMES[side]} knee not located: {info.reason}")
+    note = info.reason if info.ok else f"joint not located ({info.reason}); graded a centred crop of the image"
+    return Knee(side=side, view=view, flipped=flipped, location=loc, source=(img, spacing, view_side),
+                note=note, info=info)
