@@ -20,7 +20,7 @@ import torch
 
 from klgrade import io
 from klgrade.evaluate.metrics import compute_metrics
-from klgrade.heads import CHECKPOINT_FORMAT, HeadConfig, HeadModel, _fit_linear, _fit_mlp, _fit_xgboost
+from klgrade.heads import CHECKPOINT_FORMAT, HEADS, HeadConfig, HeadModel
 
 GRADE_MIX = (0.39, 0.18, 0.26, 0.13, 0.04)
 
@@ -48,7 +48,7 @@ def main() -> None:
     sl = {"train": slice(0, n_tr), "val": slice(n_tr, n_tr + n_va), "test": slice(n_tr + n_va, None)}
     results = {"n": args.n, "dim": args.dim, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                "machine": platform.processor() or platform.machine(), "heads": {}}
-    fitters = {"mlp": _fit_mlp, "linear": _fit_linear, "xgboost": _fit_xgboost}
+    fitters = {name: head.fit for name, head in HEADS.items()}
     for head in args.heads.split(","):
         t0 = time.perf_counter()
         mean, scale = X[sl["train"]].mean(0), X[sl["train"]].std(0)

@@ -12,15 +12,8 @@ import yaml
 
 from klgrade.embed.store import StoreError, embed_dataset
 from klgrade.evaluate.metrics import compute_metrics
-from klgrade.heads import (
-    HeadConfig,
-    _fit_linear,
-    _fit_mlp,
-    evaluate_head_run,
-    fit_head,
-    load_head_run,
-    predict_views,
-)
+from klgrade.commands.evaluate import evaluate_run
+from klgrade.heads import HeadConfig, fit_head, get_head, load_head_run, predict_views
 from klgrade.rundir import PRED_COLUMNS, RunError, read_predictions
 
 
@@ -95,28 +88,23 @@ def test_load_head_run_predicts_views_like_the_run(mlp_run, knees):
     np.testing.assert_allclose(model.predict_paths(image_paths(test)), probs, atol=1e-6)
 
 
-def test_evaluate_head_run_reuses_store_or_embeds_new_data(mlp_run, knees, tmp_path, monkeypatch):
+def test_evaluate_head_run_on_new_data_equals_its_own_predictions(mlp_run, knees, tmp_path):
+    """A head run evaluated (klgrade.runs.load_run: views -> frozen backbone -> head) on a copy of its
+    test images under other ids gives the probabilities fit-head wrote from its store."""
     out, results = mlp_run
     data, _ = knees
-    import klgrade.embed.store as E
-
-    # Same data: vectors come from the run's store (no embedding at all).
-    monkeypatch.setattr(E, "embed_dataset", lambda *a, **k: pytest.fail("should reuse the run's store"))
-    m = evaluate_head_run(out, data, "test", out=tmp_path / "ev1")
-    assert m["qwk"] == pytest.approx(results["test"]["qwk"])
-    monkeypatch.undo()
-    # New data (another folder, no split column values): embedded through the same backbone.
     ext = tmp_path / "external"
     shutil.copytree(data, ext)
     man = pd.read_csv(ext / "manifest.csv", dtype=str, keep_default_na=False)
     man = man[man["split"] == "test"].assign(split="")
     man["image_id"] = "ext_" + man["image_id"]
     man.to_csv(ext / "manifest.csv", index=False)
-    m2 = evaluate_head_run(out, ext, "all", out=tmp_path / "ev2", device="cpu")
-    assert (tmp_path / "ev2" / "embeddings" / "meta.json").is_file()
+    m2 = evaluate_run(out, ext, "all", tmp_path / "ev2", device="cpu", tta="none", cache_dir=tmp_path / "c")
     assert m2["qwk"] == pytest.approx(results["test"]["qwk"], abs=1e-6)
     p = read_predictions(tmp_path / "ev2", "all")
     assert p["image_id"].str.startswith("ext_").all()
+    own = read_predictions(out, "test")
+    np.testing.assert_allclose(p[PRED_COLUMNS[4:]].to_numpy(), own[PRED_COLUMNS[4:]].to_numpy(), atol=1e-4)
 
 
 def test_evaluate_refuses_other_backbone_weights(mlp_run, knees, tmp_path):
@@ -130,7 +118,7 @@ def test_evaluate_refuses_other_backbone_weights(mlp_run, knees, tmp_path):
     torch.save(ckpt, bad / "checkpoint.pt")
     (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(RunError, match="differ from those the head was trained on"):
-        evaluate_head_run(bad, knees[0], "test", out=tmp_path / "ev")
+        evaluate_run(bad, knees[0], "test", tmp_path / "ev", device="cpu")
 
 
 @pytest.mark.parametrize("head", ["linear", "xgboost"])
@@ -212,7 +200,7 @@ def _imbalanced(n: int, seed: int):
     return X, y
 
 
-@pytest.mark.parametrize("fitter", [_fit_mlp, _fit_linear])
+@pytest.mark.parametrize("fitter", [get_head("mlp").fit, get_head("linear").fit])
 def test_balanced_heads_do_not_collapse_a_rare_grade(fitter):
     Xtr, ytr = _imbalanced(3000, 0)
     Xva, yva = _imbalanced(600, 1)
@@ -220,7 +208,7 @@ def test_balanced_heads_do_not_collapse_a_rare_grade(fitter):
     ckpt, _ = fitter(HeadConfig(seed=0, epochs=30), Xtr, ytr, Xva, yva)
     from klgrade.heads import CHECKPOINT_FORMAT, HeadModel
 
-    model = HeadModel({"format": CHECKPOINT_FORMAT, "head": "mlp" if fitter is _fit_mlp else "linear", "store": {},
+    model = HeadModel({"format": CHECKPOINT_FORMAT, "head": "mlp" if fitter is get_head("mlp").fit else "linear", "store": {},
                        "scaler_mean": torch.zeros(24), "scaler_scale": torch.ones(24), **ckpt})
     m = compute_metrics(yte, model.predict_proba(Xte).argmax(1))
     assert m["qwk"] > 0.8

@@ -61,14 +61,31 @@ def test_predict_uses_the_layout_evaluate_uses(tiny_cnn_run):
     assert (grader.amp_dtype, grader.channels_last) == (loaded.amp_dtype, loaded.channels_last)
 
 
-def test_head_run_predict_equals_evaluate_on_png_crops(tiny_biomedclip, synth_png, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def head_run(tiny_biomedclip, synth_png, tmp_path_factory):
     from klgrade.embed.store import embed_dataset
     from klgrade.heads import HeadConfig, fit_head
 
-    store = tmp_path / "store"
-    embed_dataset(synth_png, "biomedclip", store, weights=str(tiny_biomedclip), device="cpu", progress=False)
-    run = tmp_path / "head_run"
-    fit_head(store, synth_png, run, HeadConfig(head="mlp", epochs=2))
+    root = tmp_path_factory.mktemp("parity_head")
+    embed_dataset(synth_png, "biomedclip", root / "store", weights=str(tiny_biomedclip), device="cpu",
+                  progress=False)
+    fit_head(root / "store", synth_png, root / "head_run", HeadConfig(head="mlp", epochs=2))
+    return root / "head_run"
+
+
+@pytest.fixture(scope="module")
+def film_manifest(bilateral_dicom, tmp_path_factory):
+    """A dataset whose two rows are the two knees of one bilateral DICOM film (side R and L)."""
+    path, truth = bilateral_dicom
+    d = tmp_path_factory.mktemp("film_ds")
+    pd.DataFrame({"image_id": ["filmR", "filmL"], "path": [str(path)] * 2, "patient_id": ["p1", "p1"],
+                  "visit": ["", ""], "side": ["R", "L"], "klg": [truth["klg"]["R"], truth["klg"]["L"]],
+                  "split": ["test", "test"], "source": ["synth", "synth"]}).to_csv(d / "manifest.csv", index=False)
+    return d
+
+
+def test_head_run_predict_equals_evaluate_on_png_crops(head_run, synth_png, tmp_path, capsys):
+    run = head_run
     ev = _evaluated(capsys, run, synth_png, tmp_path / "eval").head(12)
     files = _files(synth_png, ev)
     pred = _predicted(capsys, files, run)
@@ -100,3 +117,45 @@ def test_bilateral_dicom_predict_equals_evaluate_of_its_prepared_crops(synth_dic
         row = rows[rows.side == k.side]
         if len(row):
             assert np.abs(load_view(ds / row.path.iloc[0], 64).astype(float) - k.view).mean() < 1.0
+
+
+@pytest.mark.parametrize("kind", ["cnn", "head"])
+def test_bilateral_dicom_predict_equals_evaluate_of_the_same_film(kind, tiny_cnn_run, head_run, film_manifest,
+                                                                   bilateral_dicom, tmp_path, capsys):
+    """The same film through both entrances: predict on the file, evaluate on a manifest whose rows
+    name its right and left knee. One view entrance (klgrade.view.entrance), one Predictor."""
+    run = tiny_cnn_run if kind == "cnn" else head_run
+    ev = _evaluated(capsys, run, film_manifest, tmp_path / "eval").set_index("image_id")
+    assert main(["predict", str(bilateral_dicom[0]), "--run", str(run), "--json", "--no-jsw"]) == 0
+    knees = {k["side"]: np.array(k["probabilities"]) for k in json.loads(capsys.readouterr().out)["results"][0]["knees"]}
+    assert set(knees) == {"R", "L"}
+    tol = _tolerance(Grader.from_run(run))
+    for side in "RL":
+        assert np.abs(knees[side] - ev.loc[f"film{side}", PROBS].to_numpy(float)).max() <= tol
+
+
+def test_evaluate_honours_tta_for_head_runs(head_run, synth_png, tmp_path, capsys):
+    """--tta flip on a head run averages each view with its mirror (it was refused before)."""
+    from klgrade.ingest.manifest import image_paths, read_manifest, select_split
+    from klgrade.runs import load_run
+    from klgrade.view.entrance import load_view
+
+    assert main(["evaluate", "--run", str(head_run), "--data", str(synth_png), "--split", "test", "--tta", "flip",
+                 "--batch-size", "7", "--out", str(tmp_path / "ev")]) == 0
+    capsys.readouterr()
+    ev = pd.read_csv(tmp_path / "ev" / "predictions_test.csv").head(6)
+    df = select_split(read_manifest(synth_png), "test").head(6)
+    pred = load_run(head_run, device="cpu")
+    views = np.stack([load_view(p, pred.img_size) for p in image_paths(df)])
+    want = (pred.predict_views(views, tta="none") + pred.predict_views(views[:, :, ::-1].copy(), tta="none")) / 2
+    np.testing.assert_allclose(ev[PROBS].to_numpy(), want, atol=1e-5)
+    assert json.loads((tmp_path / "ev" / "metrics_test.json").read_text())["tta"] == "flip"
+
+
+def test_a_pretrain_run_is_not_a_grader(tmp_path):
+    from klgrade.rundir import RunError
+    from klgrade.runs import load_run
+
+    (tmp_path / "config.yaml").write_text("kind: pretrain\n")
+    with pytest.raises(RunError, match="fine-tune it"):
+        load_run(tmp_path)

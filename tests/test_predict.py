@@ -209,9 +209,9 @@ def test_xgboost_head_grades_without_heatmap_and_says_why(head_store, bilateral_
 
 
 def test_fine_films_are_reduced_before_cropping_without_changing_the_view():
-    from klgrade.view.entrance import reduce_for_view
     from klgrade.synthetic import render_bilateral
     from klgrade.view.canonical import canonical_view
+    from klgrade.view.entrance import reduce_for_view
 
     img, truth = render_bilateral(1, 3, np.random.default_rng(2), spacing_mm=0.14, shape=(1000, 1560), noise=0.0)
     small, sp, f = reduce_for_view(img, (0.14, 0.14), 128)

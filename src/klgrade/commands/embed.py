@@ -39,9 +39,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from klgrade.errors import UserError
     from klgrade.embed.embedders import default_device
     from klgrade.embed.store import StoreError, embed_dataset
+    from klgrade.errors import UserError
     from klgrade.ingest.manifest import ManifestError
 
     if args.batch_size < 1:

@@ -24,8 +24,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from klgrade.errors import UserError
     from klgrade.clinic.export import ExportError, export_run, sidecar_path
+    from klgrade.errors import UserError
 
     try:
         info = export_run(args.run, args.format, args.out, opset=args.opset)

@@ -74,8 +74,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from klgrade.errors import UserError
     from klgrade.embed.store import StoreError
+    from klgrade.errors import UserError
     from klgrade.heads import HeadConfig, fit_head
     from klgrade.ingest.manifest import ManifestError
 

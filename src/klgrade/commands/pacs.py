@@ -40,10 +40,10 @@ def register(sub) -> None:
 def run(args) -> int:
     import os
 
-    from klgrade.errors import UserError
     from klgrade.clinic.grader import Grader
     from klgrade.clinic.pacs.dicomweb import PacsJob, PacsUnreachable, make_client, poll, summary
     from klgrade.clinic.pacs.grading import model_info
+    from klgrade.errors import UserError
 
     if not args.url.startswith(("http://", "https://")):
         raise UserError(f"--url must be an http(s) DICOMweb root like http://HOST:8042/dicom-web (got {args.url!r})")

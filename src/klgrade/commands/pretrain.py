@@ -51,8 +51,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from klgrade.errors import UserError
     from klgrade.config import ConfigError, apply_overrides
+    from klgrade.errors import UserError
     from klgrade.pretrain import loop
     from klgrade.pretrain.config import PretrainConfig
     from klgrade.pretrain.data import NoImagesError

@@ -38,8 +38,8 @@ def run(args) -> int:
 
     import uvicorn
 
-    from klgrade.errors import UserError
     from klgrade.clinic.serve import DEFAULT_ALLOWED_HOSTS, create_app
+    from klgrade.errors import UserError
 
     if args.max_upload_mb <= 0:
         raise UserError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")

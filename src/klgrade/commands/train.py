@@ -68,8 +68,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from klgrade.errors import UserError
     from klgrade.config import ConfigError, TrainConfig, apply_overrides, load_train_config
+    from klgrade.errors import UserError
     from klgrade.train import loop
 
     given = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}

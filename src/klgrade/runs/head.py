@@ -27,20 +27,6 @@ class EmbeddingHeadNet(torch.nn.Module):
         return self.head((self.backbone(x).float() - self.feat_mean) / self.feat_scale)
 
 
-def head_layers(head) -> torch.nn.Module | None:
-    """A fitted HeadModel's head as torch layers (standardised vectors -> logits), or None."""
-    if head.head == "mlp":
-        return head._net
-    if head.head == "linear":
-        coef = head.ckpt["coef"].float()
-        net = torch.nn.Linear(coef.shape[1], coef.shape[0])
-        with torch.no_grad():
-            net.weight.copy_(coef)
-            net.bias.copy_(head.ckpt["intercept"].float())
-        return net
-    return None
-
-
 def load_head_predictor(run_dir: Path, cfg: dict, name: str, device: str = "auto"):
     """klgrade.runs.load_run's loader for head runs."""
     from klgrade.heads import load_head_run
@@ -56,7 +42,7 @@ def load_head_predictor(run_dir: Path, cfg: dict, name: str, device: str = "auto
     parts = dict(kind="head", name=name, run_dir=Path(run_dir), config=cfg, img_size=int(emb.input_size),
                  mean=tuple(emb.mean), std=tuple(emb.std), device=dev,
                  description=f"{head.backbone} embeddings + {head.head} head")
-    net = head_layers(head)
+    net = head.torch_layers()
     if net is None:
         return Predictor(**parts, _predict=lambda views, batch_size: head.predict_views(views, batch_size=batch_size),
                          explain_unavailable=f"{head.head} head: trees have no gradient, Grad-CAM needs one")
