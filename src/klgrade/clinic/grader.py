@@ -62,6 +62,15 @@ class Grader:
     explain_unavailable: str = ""
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __post_init__(self):
+        if self.predictor is None:  # a grader made around a module in memory (tests, embedding apps)
+            from klgrade.runs import Predictor
+
+            self.predictor = Predictor(kind=self.kind, name=self.name, run_dir=Path(self.run_dir),
+                                       config={"tta": self.tta_run}, img_size=self.img_size, mean=self.mean,
+                                       std=self.std, device=self.device, module=self.model,
+                                       amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu", tta: str | None = None) -> Grader:

@@ -51,6 +51,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from klgrade.commands._resume import resume_if_asked
     from klgrade.config import ConfigError, apply_overrides
     from klgrade.errors import UserError
     from klgrade.pretrain import loop
@@ -61,12 +62,7 @@ def run(args) -> int:
     if "splits" in given:
         given["splits"] = [s.strip() for s in given["splits"].split(",") if s.strip()]
     try:
-        if args.resume:
-            extra = sorted(set(given) - set(RESUME_FLAGS)) + (["--out"] if args.out else [])
-            if extra:
-                raise UserError(f"--resume continues {args.resume} with its own config.yaml; only "
-                                f"--device/--workers may change (got {extra})")
-            loop.resume(args.resume, device=given.get("device"), workers=given.get("workers"))
+        if resume_if_asked(args, given, RESUME_FLAGS, loop):
             return 0
         if not args.out:
             raise UserError("--out RUN is required (or --resume RUN)")

@@ -68,6 +68,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from klgrade.commands._resume import resume_if_asked
     from klgrade.config import ConfigError, TrainConfig, apply_overrides, load_train_config
     from klgrade.errors import UserError
     from klgrade.train import loop
@@ -81,13 +82,7 @@ def run(args) -> int:
         if run_model and "model" not in given:
             given["model"] = run_model
     try:
-        if args.resume:
-            extra = sorted(set(given) - set(RESUME_FLAGS)) + (["--out"] if args.out else []) + \
-                (["--config"] if args.config else [])
-            if extra:
-                raise UserError(f"--resume continues {args.resume} with its own config.yaml; only "
-                                f"--device/--workers may change (got {extra})")
-            loop.resume(args.resume, device=given.get("device"), workers=given.get("workers"))
+        if resume_if_asked(args, given, RESUME_FLAGS, loop, other_flags=("config",)):
             return 0
         if not args.out:
             raise UserError("--out RUN is required (or --resume RUN)")
