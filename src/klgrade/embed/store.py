@@ -264,15 +264,11 @@ def embed_dataset(
     may be passed pre-built (then backbone/weights/features/device/seed are taken from it). Under
     torchrun every rank must call this; rank 0 returns the store, other ranks return None.
     """
-    from tqdm import tqdm
-
     from klgrade.embed.embedders import build_embedder, default_device
-    from klgrade.ingest.manifest import image_paths, image_sides, read_manifest, select_split
-    from klgrade.view.cache import cached_views
+    from klgrade.ingest.manifest import read_manifest, select_split
 
     out = Path(out)
     df = select_split(read_manifest(data), split)
-    paths, sides = image_paths(df), image_sides(df)
     device = (embedder.device if embedder is not None else None) or device or default_device()
     if str(device) == "cuda" and os.environ.get("LOCAL_RANK"):
         device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -280,50 +276,11 @@ def embed_dataset(
     try:
         if embedder is None:
             embedder = build_embedder(backbone, weights=weights, features=features, device=device, seed=seed)
-        key = store_key(embedder)
-        store = None
-        todo = None
-        if rank == 0:
-            sizes, mtimes = file_keys(paths)
-            if EmbeddingStore.exists(out) and not rebuild:
-                store = EmbeddingStore.open(out)
-                store.check_matches({**key, "weights_source": embedder.weights_source})
-            else:
-                if out.exists() and not rebuild and out.is_dir() and any(out.iterdir()):
-                    raise StoreError(f"{out}: folder is not empty and holds no embedding store; pick another --out")
-                store = EmbeddingStore.create(out, key, extra={
-                    "weights": embedder.weights, "weights_source": embedder.weights_source, "seed": embedder.seed,
-                    "library_versions": _versions()})
-            known = dict(zip(store.index["image_id"], zip(store.index["path"], store.index["size"],
-                                                          store.index["mtime_ns"])))
-            now = zip(df["image_id"].astype(str), df["path"].astype(str), sizes.tolist(), mtimes.tolist())
-            todo = [i for i, (iid, *fkey) in enumerate(now) if known.get(iid) != tuple(fkey)]
-            log.info("%s: %d image(s) selected, %d already embedded, %d to embed (%d process(es))",
-                     out, len(df), len(df) - len(todo), len(todo), world)
-            if not todo and not EmbeddingStore.exists(out):
-                store.save()  # an empty selection still leaves a valid store behind
+        store, todo, files = _plan_store(out, df, embedder, rebuild, world) if rank == 0 else (None, None, None)
         todo = _broadcast(todo, world)
         if not todo:
             return store
-        shard = todo[rank::world]
-        n_chunks = -(-len(todo[0::world]) // chunk_size)  # rank 0 has the largest shard; all loop alike
-        views = cached_views([paths[i] for i in shard], embedder.input_size, workers=workers,
-                             progress=progress and rank == 0, sides=[sides[i] for i in shard]) if shard else None
-        bar = tqdm(total=len(todo), disable=not progress or rank != 0, unit="img",
-                   desc=f"embedding with {embedder.backbone}")
-        for c in range(n_chunks):
-            lo, hi = c * chunk_size, min((c + 1) * chunk_size, len(shard))
-            local = (embedder.embed_views(views[lo:hi], batch_size=batch_size, bar=bar, world=world)
-                     if hi > lo else np.zeros((0, embedder.dim), np.float32))
-            parts = _gather((shard[lo:hi], local), rank, world)
-            if rank == 0:
-                idx = [i for p in parts for i in p[0]]
-                vecs = np.concatenate([p[1] for p in parts]) if idx else np.zeros((0, embedder.dim), np.float32)
-                store.merge([str(df["image_id"].iat[i]) for i in idx], [str(df["path"].iat[i]) for i in idx],
-                            sizes[idx], mtimes[idx], vecs)
-                store.meta["dataset_root"] = str(df.attrs.get("root", data))
-                store.save()  # flush: an interrupted run keeps what is done
-        bar.close()
+        _embed_into(store, df, data, embedder, todo, files, rank, world, batch_size, chunk_size, workers, progress)
         return store if rank == 0 else None
     finally:
         if own_group:
@@ -331,6 +288,63 @@ def embed_dataset(
 
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _plan_store(out: Path, df: pd.DataFrame, embedder, rebuild: bool, world: int):
+    """Open (and check) or create the store; (store, rows of ``df`` to embed, (sizes, mtimes))."""
+    from klgrade.ingest.manifest import image_paths
+
+    sizes, mtimes = file_keys(image_paths(df))
+    if EmbeddingStore.exists(out) and not rebuild:
+        store = EmbeddingStore.open(out)
+        store.check_matches({**store_key(embedder), "weights_source": embedder.weights_source})
+    else:
+        if out.exists() and not rebuild and out.is_dir() and any(out.iterdir()):
+            raise StoreError(f"{out}: folder is not empty and holds no embedding store; pick another --out")
+        store = EmbeddingStore.create(out, store_key(embedder), extra={
+            "weights": embedder.weights, "weights_source": embedder.weights_source, "seed": embedder.seed,
+            "library_versions": _versions()})
+    known = dict(zip(store.index["image_id"], zip(store.index["path"], store.index["size"],
+                                                  store.index["mtime_ns"])))
+    now = zip(df["image_id"].astype(str), df["path"].astype(str), sizes.tolist(), mtimes.tolist())
+    todo = [i for i, (iid, *fkey) in enumerate(now) if known.get(iid) != tuple(fkey)]
+    log.info("%s: %d image(s) selected, %d already embedded, %d to embed (%d process(es))",
+             out, len(df), len(df) - len(todo), len(todo), world)
+    if not todo and not EmbeddingStore.exists(out):
+        store.save()  # an empty selection still leaves a valid store behind
+    return store, todo, (sizes, mtimes)
+
+
+def _embed_into(store, df: pd.DataFrame, data, embedder, todo: list[int], files, rank: int, world: int,
+                batch_size: int, chunk_size: int, workers: int, progress: bool) -> None:
+    """Embed rows ``todo`` (this rank's share) chunk by chunk; rank 0 merges every rank's vectors
+    into the store and flushes it after each chunk, so an interrupted run keeps what is done."""
+    from tqdm import tqdm
+
+    from klgrade.ingest.manifest import image_paths, image_sides
+    from klgrade.view.cache import cached_views
+
+    paths, sides = image_paths(df), image_sides(df)
+    shard = todo[rank::world]
+    n_chunks = -(-len(todo[0::world]) // chunk_size)  # rank 0 has the largest shard; all loop alike
+    views = cached_views([paths[i] for i in shard], embedder.input_size, workers=workers,
+                         progress=progress and rank == 0, sides=[sides[i] for i in shard]) if shard else None
+    bar = tqdm(total=len(todo), disable=not progress or rank != 0, unit="img",
+               desc=f"embedding with {embedder.backbone}")
+    for c in range(n_chunks):
+        lo, hi = c * chunk_size, min((c + 1) * chunk_size, len(shard))
+        local = (embedder.embed_views(views[lo:hi], batch_size=batch_size, bar=bar, world=world)
+                 if hi > lo else np.zeros((0, embedder.dim), np.float32))
+        parts = _gather((shard[lo:hi], local), rank, world)
+        if rank == 0:
+            sizes, mtimes = files
+            idx = [i for p in parts for i in p[0]]
+            vecs = np.concatenate([p[1] for p in parts]) if idx else np.zeros((0, embedder.dim), np.float32)
+            store.merge([str(df["image_id"].iat[i]) for i in idx], [str(df["path"].iat[i]) for i in idx],
+                        sizes[idx], mtimes[idx], vecs)
+            store.meta["dataset_root"] = str(df.attrs.get("root", data))
+            store.save()
+    bar.close()
 
 
 def _versions() -> dict:

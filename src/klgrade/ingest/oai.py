@@ -226,10 +226,8 @@ def prepare_oai(images, labels, out, contents=None, visits=STUDY_VISITS, workers
     Writes ``images/<VV>m/<id>_<VV>m_<R|L>.png`` (16-bit), ``manifest.csv`` (patient-level split),
     ``rejects.csv``, ``labels_dropped.csv``, ``summary.json``, ``contact_sheet.png`` and the
     resume log ``progress.jsonl``. Re-running with the same crop parameters skips finished films.
+    Three steps: plan (which film, which knees), work (crop the films not done yet), merge (manifest).
     """
-    from klgrade.ingest.manifest import write_manifest, write_rejects
-    from klgrade.ingest.splits import patient_split
-
     images, out = Path(images), Path(out)
     if not images.is_dir():
         raise FileNotFoundError(f"{images}: no such image folder")
@@ -237,13 +235,23 @@ def prepare_oai(images, labels, out, contents=None, visits=STUDY_VISITS, workers
     params = CropParams(size=int(size), mm_per_px=float(mm_per_px), min_confidence=float(min_confidence))
     visits = tuple(int(v) for v in visits) if visits else None
     lab = read_labels(labels, visits)
-    graded = lab.lookup()
-    dropped = {(r.patient_id, int(r.visit), r.side): r.reason for r in lab.dropped.itertuples(index=False)
-               if r.side}
     if contents:
         series, rejects, counts = series_from_contents(list(contents), images, description)
     else:
         series, rejects, counts = series_from_headers(images, description, progress)
+    tasks = _plan_films(series, images, out, lab, visits, params, rejects, counts)
+    done, pending = _crop_films(tasks, params, out, workers, progress)
+    return _merge(tasks, done, rejects, lab, counts, out, images, fractions, seed, sheet_samples,
+                  resumed=len(tasks) - len(pending))
+
+
+def _plan_films(series: pd.DataFrame, images: Path, out: Path, lab: Labels, visits, params: CropParams,
+                rejects: list, counts: dict) -> list[dict]:
+    """One crop task per knee film of a study visit with a graded knee; everything else a reject
+    (appended to ``rejects``): no id/visit in the path, a second series, an ungraded side."""
+    graded = lab.lookup()
+    dropped = {(r.patient_id, int(r.visit), r.side): r.reason for r in lab.dropped.itertuples(index=False)
+               if r.side}
     counts["outside_visits"] = 0
     tasks, seen = [], {}
     for r in series.sort_values("path", kind="stable").itertuples(index=False):
@@ -263,18 +271,19 @@ def prepare_oai(images, labels, out, contents=None, visits=STUDY_VISITS, workers
                             f"(kept {seen[(pid, visit)]})", "patient_id": pid, "visit": visit, "side": ""})
             continue
         seen[(pid, visit)] = rel
-        sides = []
-        for side in ("R", "L"):
-            if (pid, visit, side) in graded:
-                sides.append(side)
-            else:
-                why = dropped.get((pid, visit, side), "no reading in the label tables")
-                rejects.append({"path": str(path), "reason": why, "patient_id": pid, "visit": visit,
-                                "side": side})
+        sides = [side for side in ("R", "L") if (pid, visit, side) in graded]
+        for side in [s for s in ("R", "L") if s not in sides]:
+            why = dropped.get((pid, visit, side), "no reading in the label tables")
+            rejects.append({"path": str(path), "reason": why, "patient_id": pid, "visit": visit, "side": side})
         if sides:
             tasks.append({"path": str(path), "rel": rel, "patient_id": pid, "visit": visit, "sides": sides,
                           "out": str(out), "params": {"size": params.size, "mm_per_px": params.mm_per_px,
                                                       "min_confidence": params.min_confidence}})
+    return tasks
+
+
+def _crop_films(tasks: list[dict], params: CropParams, out: Path, workers: int, progress: bool):
+    """Crop the films not finished by an earlier run (progress.jsonl): (records by film, pending)."""
     progress_path = out / PROGRESS_NAME
     done = _read_progress(progress_path)
     pending = [t for t in tasks if not _is_done(done.get(t["rel"]), t, params, out)]
@@ -282,6 +291,10 @@ def prepare_oai(images, labels, out, contents=None, visits=STUDY_VISITS, workers
              len(pending))
     for rec in _run_tasks(pending, workers, progress_path, progress):
         done[rec["rel"]] = rec
+    return done, pending
+
+
+def _manifest_rows(tasks: list[dict], done: dict, graded: dict, rejects: list) -> list[dict]:
     rows = []
     for t in tasks:
         rec = done[t["rel"]]
@@ -300,13 +313,22 @@ def prepare_oai(images, labels, out, contents=None, visits=STUDY_VISITS, workers
                 row[feat] = label.get(feat, np.nan)
             row["readprj"] = label.get("readprj")
             rows.append(row)
-    manifest = pd.DataFrame(rows)
+    return rows
+
+
+def _merge(tasks, done, rejects, lab: Labels, counts, out: Path, images: Path, fractions, seed, sheet_samples,
+           resumed: int) -> PrepareResult:
+    """The crops and rejects of every film -> manifest.csv (patient-level split), rejects.csv,
+    labels_dropped.csv, summary.json, contact sheet."""
+    from klgrade import io
+    from klgrade.ingest.manifest import write_manifest, write_rejects
+    from klgrade.ingest.splits import patient_split
+
+    manifest = pd.DataFrame(_manifest_rows(tasks, done, lab.lookup(), rejects))
     rej = pd.DataFrame(rejects, columns=["path", "reason", "patient_id", "visit", "side"])
     rej["visit"] = rej["visit"].astype("Int64")
     rej = rej.sort_values(["path", "side"], kind="stable").reset_index(drop=True)
     write_rejects(rej, out)
-    from klgrade import io
-
     io.write_csv(out / LABELS_DROPPED_NAME, lab.dropped)
     if manifest.empty:
         raise ValueError(f"{images}: no knee crop was produced ({len(rej)} reject(s), reasons in "
@@ -314,12 +336,12 @@ def prepare_oai(images, labels, out, contents=None, visits=STUDY_VISITS, workers
     manifest = manifest.sort_values(["patient_id", "visit", "side"], kind="stable").reset_index(drop=True)
     manifest["split"] = patient_split(manifest, fractions, seed=seed).to_numpy()
     write_manifest(manifest, out)
-    summary = summarize_prepare(manifest, rej, lab, counts, len(tasks), len(tasks) - len(pending))
+    summary = summarize_prepare(manifest, rej, lab, counts, len(tasks), resumed)
     io.write_json(out / SUMMARY_NAME, summary)
     if sheet_samples:
         contact_sheet(manifest, out, out / CONTACT_SHEET_NAME, n=sheet_samples, seed=seed)
     return PrepareResult(manifest=manifest, rejects=rej, summary=summary, out=out,
-                         processed=len(pending), resumed=len(tasks) - len(pending))
+                         processed=len(tasks) - resumed, resumed=resumed)
 
 
 def summarize_prepare(manifest: pd.DataFrame, rejects: pd.DataFrame, labels: Labels, counts: dict,
