@@ -7,8 +7,10 @@ synthetic: full-size bilateral DICOM films (2000x2560, 0.1-0.2 mm/px, MONOCHROME
 KL 0-4 drawn uniformly per knee) written to a temp dir and read back through the DICOM reader;
 medial/lateral minimum JSW vs ``synthetic.true_jsw``. Speed: the measurement of one knee given its
 joint geometry (what predict adds to the view it already makes), one thread.
-kneekl224: medial minimum JSW (percent of plateau width: the crops have no spacing) vs KL grade:
-Spearman rho, medians per grade, a box plot per grade. Results: benchmarks/results/jsw_*.json.
+kneekl224: medial minimum JSW (percent of plateau width: the crops have no spacing; medial side
+from the file name's L/R) vs KL grade: Spearman rho, medians and bone-on-bone flags per grade, for
+all crops and per split (val is the reported test split: the method's constants were chosen on
+train only), a box plot per grade. Results: benchmarks/results/jsw_*.json.
 """
 from __future__ import annotations
 
@@ -88,36 +90,51 @@ def synthetic(n_films: int, seed: int) -> dict:
     return out
 
 
+def _construct(df) -> dict:
+    """Medial minimum JSW vs KL grade of one set of crops: rho, medians, flags per grade."""
+    from scipy.stats import spearmanr
+
+    m = df[np.isfinite(df["medial"].astype(float))]
+    rho, pval = spearmanr(m["klg"], m["medial"])
+    med = {int(g): round(float(d["medial"].median()), 3) for g, d in m.groupby("klg")}
+    return {"images": len(df), "medial_measured": round(len(m) / len(df), 4), "spearman_rho": round(float(rho), 4),
+            "p_value": float(pval), "median_by_grade": med,
+            "n_by_grade": {int(g): int(len(d)) for g, d in m.groupby("klg")},
+            "bone_on_bone_by_grade": {int(g): int((d["medial_flag"] == "bone_on_bone").sum())
+                                      for g, d in df.groupby("klg")},
+            "bone_on_bone_share_by_grade": {int(g): round(float((d["medial_flag"] == "bone_on_bone").mean()), 4)
+                                            for g, d in df.groupby("klg")},
+            "medians_decrease_kl2_to_kl4": bool(med[2] > med[3] > med[4])}
+
+
 def kneekl224(root: Path, per_grade: int | None, seed: int) -> dict:
     import pandas as pd
-    from scipy.stats import spearmanr
     from tqdm import tqdm
 
     from klgrade.ingest.images import read_image
     from klgrade.measure import measure_knee
+    from klgrade.measure.files import laterality_from_name
 
-    files = [(int(p.parent.name), p) for split in ("train", "val") for p in sorted((root / split).glob("[0-4]/*.png"))]
+    files = [(split, int(p.parent.name), p) for split in ("train", "val")
+             for p in sorted((root / split).glob("[0-4]/*.png"))]
     if per_grade:
         rng = np.random.default_rng(seed)
-        by = {g: [f for f in files if f[0] == g] for g in range(5)}
+        by = {g: [f for f in files if f[1] == g] for g in range(5)}
         files = [by[g][i] for g in range(5) for i in rng.permutation(len(by[g]))[:per_grade]]
     rows = []
-    for g, p in tqdm(files, desc="kneeKL224"):
-        r = measure_knee(read_image(p))
-        rows.append({"klg": g, "file": p.name, "medial": r.medial.min, "lateral": r.lateral.min,
+    for split, g, p in tqdm(files, desc="kneeKL224"):
+        # the crops keep the film's orientation; the file name says which knee (medial side)
+        r = measure_knee(read_image(p), laterality=laterality_from_name(p))
+        rows.append({"split": split, "klg": g, "file": p.name, "medial": r.medial.min, "lateral": r.lateral.min,
                      "medial_flag": r.medial.flag, "medial_side": r.medial_side, "ok": r.ok})
     df = pd.DataFrame(rows)
-    m = df[np.isfinite(df["medial"].astype(float))]
-    rho, pval = spearmanr(m["klg"], m["medial"])
-    med = {int(g): round(float(d["medial"].median()), 3) for g, d in m.groupby("klg")}
-    _boxplot(m, RESULTS / "jsw_kneekl224_box.png")
-    return {"images": len(df), "medial_measured": round(len(m) / len(df), 4), "spearman_rho": round(float(rho), 4),
-            "p_value": float(pval), "unit": "%plateau", "median_by_grade": med,
-            "n_by_grade": {int(g): int(len(d)) for g, d in m.groupby("klg")},
-            "bone_on_bone_by_grade": {int(g): int((d["medial_flag"] == "bone_on_bone").sum())
-                                      for g, d in df.groupby("klg")},
-            "medians_decrease_kl2_to_kl4": bool(med[2] > med[3] > med[4]),
-            "medial_side_right_share": round(float((df["medial_side"] == "right").mean()), 4)}
+    _boxplot(df[np.isfinite(df["medial"].astype(float))], RESULTS / "jsw_kneekl224_box.png")
+    right = np.where(df["file"].str[-5] == "R", "right", "left")
+    return {"unit": "%plateau", "development_split": "train (2,000 random crops); val untouched until the final run",
+            "medial_side_from": "file name (L/R), crops in film orientation",
+            **_construct(df), "by_split": {s: _construct(d) for s, d in df.groupby("split")},
+            "medial_side_right_share": round(float((df["medial_side"] == "right").mean()), 4),
+            "medial_side_matches_name": round(float((df["medial_side"] == right).mean()), 4)}
 
 
 def _boxplot(df, path: Path) -> None:

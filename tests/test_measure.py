@@ -126,3 +126,21 @@ def test_json_and_page_fields(bilateral_dicom, tmp_path):
     assert r.status_code == 200
     knee = r.json()["knees"][0]
     assert {"medial", "lateral", "unit", "ok"} <= set(knee["jsw"]) and "jsw_view" in knee
+
+
+def test_laterality_of_a_single_knee_sets_the_medial_side(film):
+    """A crop in film orientation (kneeKL224 style): a right knee's medial side is on the image
+    right; the given laterality decides it, and the readings follow the compartments."""
+    from klgrade.measure.files import laterality_from_name
+
+    img, ar, _ = film
+    crop = img[150:750, 0:575]  # the right knee (KL1) alone, as on the film, no spacing
+    truth = syn.true_jsw(1, ar)
+    r, flipped = measure_knee(crop, laterality="R"), measure_knee(crop, laterality="L")
+    assert r.medial_side == "right" and flipped.medial_side == "left" and "fibula" not in r.note
+    mm = r.plateau_px * 0.2 / 100  # % of the plateau width -> mm at the film's 0.2 mm/px
+    assert abs(r.medial.min * mm - truth["jsw_medial_mm"]) < 0.5, (r.medial.min * mm, truth)
+    assert abs(r.lateral.min * mm - truth["jsw_lateral_mm"]) < 0.5, (r.lateral.min * mm, truth)
+    assert flipped.medial.min == pytest.approx(r.lateral.min) and flipped.lateral.min == pytest.approx(r.medial.min)
+    assert [laterality_from_name(n) for n in ("9001695L.png", "9003126R.png", "knee.png", "xR.png")] == [
+        "L", "R", None, None]

@@ -29,18 +29,23 @@ def register(sub) -> None:
 
 
 def _inputs(data):
-    """[(image_id, path, klg or None)] from a manifest, else every image file under ``data``."""
+    """[(image_id, path, klg or None, laterality or None)] from a manifest, else every image file under
+    ``data``. The laterality comes from a file name like kneeKL224's ``9001695L.png`` (crops in film
+    orientation), never from a manifest's ``side``: `prepare oai` crops are mirrored into the
+    canonical orientation, and there the fibular head decides."""
     from klgrade.errors import UserError
     from klgrade.ingest.manifest import image_paths, manifest_path, read_manifest
+    from klgrade.measure.files import laterality_from_name
 
     if manifest_path(data).is_file():
         df = read_manifest(data)
-        return [(str(i), p, int(k)) for i, p, k in zip(df["image_id"], image_paths(df), df["klg"])]
+        return [(str(i), p, int(k), laterality_from_name(p))
+                for i, p, k in zip(df["image_id"], image_paths(df), df["klg"])]
     files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not p.name.startswith("."))
     if not files:
         raise UserError(f"{data}: no manifest.csv and no image files")
-    return [(str(p.relative_to(data).with_suffix("")), p, None) for p in files]
+    return [(str(p.relative_to(data).with_suffix("")), p, None, laterality_from_name(p)) for p in files]
 
 
 def run(args) -> int:
@@ -63,10 +68,12 @@ def run(args) -> int:
     if args.mm_per_px is not None and not 0.01 <= args.mm_per_px <= 5:
         raise UserError(f"--mm-per-px must be between 0.01 and 5 mm (got {args.mm_per_px})")
     rows, rejects, tiles, caps = [], [], [], []
-    for image_id, path, klg in tqdm(_inputs(data), desc="measure", unit="image"):
+    for image_id, path, klg, side in tqdm(_inputs(data), desc="measure", unit="image"):
         try:
             img, spacing = read(path, args.mm_per_px)
-            knees = measure_image(img, spacing, overlays=len(tiles) < args.sheet)
+            # the knee's side tells which compartment is medial in a single-knee image (a bilateral
+            # film's halves know theirs)
+            knees = measure_image(img, spacing, overlays=len(tiles) < args.sheet, laterality=side)
         except (ImageReadError, DicomError, OSError, ValueError) as e:
             rejects.append({"path": str(path), "reason": str(e)})
             continue

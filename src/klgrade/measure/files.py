@@ -31,8 +31,16 @@ def read(path: str | Path, mm_per_px: float | None = None) -> tuple[np.ndarray, 
     return read_image(path), mm_per_px
 
 
-def measure_image(img: np.ndarray, spacing=None, overlays: bool = False) -> list[KneeJSW]:
-    """Every knee of ``img``: both of a bilateral film (patient's right first), else the one."""
+def laterality_from_name(path: str | Path) -> str | None:
+    """'R'/'L' from a file name ending in the knee's side (kneeKL224: ``9001695L.png``), else None."""
+    last = Path(path).stem[-1:].upper()
+    return last if last in ("R", "L") and Path(path).stem[-2:-1].isdigit() else None
+
+
+def measure_image(img: np.ndarray, spacing=None, overlays: bool = False,
+                  laterality: str | None = None) -> list[KneeJSW]:
+    """Every knee of ``img``: both of a bilateral film (patient's right first), else the one.
+    ``laterality``: 'R'/'L' of a single-knee image in film orientation (see ``measure_knee``)."""
     from klgrade.view.canonical import canonical_view, is_bilateral
 
     sides = ("R", "L") if is_bilateral(img) else (None,)
@@ -43,6 +51,6 @@ def measure_image(img: np.ndarray, spacing=None, overlays: bool = False) -> list
         except (ValueError, ArithmeticError) as e:  # degenerate images the view refuses
             out.append(KneeJSW(side or "U", failed(f"no knee view ({e})", "mm" if spacing else "%plateau")))
             continue
-        jsw = measure_knee(img, spacing, side, info=info)
+        jsw = measure_knee(img, spacing, side, info=info, laterality=None if side else laterality)
         out.append(KneeJSW(side or "U", jsw, draw(view, jsw, info) if overlays else None))
     return out
