@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from klgrade.commands.evaluate import evaluate_run
 from klgrade.embed.store import StoreError, embed_dataset
 from klgrade.evaluate.metrics import compute_metrics
+from klgrade.evaluate.split import evaluate_run
 from klgrade.heads import HeadConfig, fit_head, get_head, load_head_run, predict_views
 from klgrade.rundir import PRED_COLUMNS, RunError, read_predictions
 

@@ -96,7 +96,7 @@ def test_head_run_predict_equals_evaluate_on_png_crops(head_run, synth_png, tmp_
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "second view entrance (issue 15): `prepare oai` writes crops cut by data/roi.py and evaluate views "
+    "second view entrance (issue 15): `prepare oai` writes crops cut by ingest/roi.py and evaluate views "
     "them without pixel spacing (field of view from anatomy), while predict views the film itself with "
     "its DICOM spacing; on synthetic films the views differ by 17-21 gray levels of 255"))
 def test_bilateral_dicom_predict_equals_evaluate_of_its_prepared_crops(synth_dicom, tmp_path):

@@ -45,7 +45,7 @@ class Grader:
     run_dir: Path
     kind: str  # the run kind (klgrade.runs.LOADERS)
     name: str
-    model: object  # torch.nn.Module
+    model: object  # torch.nn.Module, or None (a head without one: graded through the predictor)
     img_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -82,7 +82,7 @@ class Grader:
             raise RunError(f"tta must be none or flip, got {tta!r}")
         pred = load_run(run_dir, device)
         g = cls(run_dir=Path(run_dir), kind=pred.kind, name=pred.name, predictor=pred,
-                model=pred.torch_module() if pred.torch_module() is not None else pred, img_size=pred.img_size,
+                model=pred.torch_module(), img_size=pred.img_size,
                 mean=pred.mean, std=pred.std, device=pred.device, amp_dtype=pred.amp_dtype,
                 channels_last=pred.channels_last, tta=tta or pred.tta, tta_run=pred.tta,
                 description=pred.description, explain_unavailable=pred.explain_unavailable)

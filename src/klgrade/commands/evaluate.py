@@ -37,6 +37,7 @@ def register(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
+    from klgrade.evaluate.split import evaluate_run
     from klgrade.rundir import read_config, run_dataset
 
     cfg = read_config(args.run)
@@ -71,24 +72,3 @@ def _refuse_overwrite(args, cfg: dict, data: str, out) -> None:
         where = "the run's own" if _same_path(out, args.run) else "existing"
         raise UserError(f"{target}: would replace {where} predictions with those on {data}; "
                         f"pass --out DIR to write elsewhere, or --overwrite to replace them")
-
-
-def evaluate_run(run_dir, data, split: str, out_dir, tta: str | None = None, device: str = "auto",
-                 batch_size: int = 64, workers: int = 0, cache_dir=None) -> dict:
-    """Predict ``split`` of dataset ``data`` with any run (klgrade.runs.load_run) on the views of the
-    decode cache; write predictions/metrics to ``out_dir``."""
-    from klgrade.ingest.manifest import image_paths, image_sides, read_manifest, select_split
-    from klgrade.rundir import write_predictions
-    from klgrade.runs import load_run
-    from klgrade.view.cache import cached_views
-
-    predictor = load_run(run_dir, device=device)
-    tta = tta or predictor.tta
-    df = select_split(read_manifest(data), split)  # read_manifest refuses patient leakage
-    views = cached_views(image_paths(df), predictor.img_size, cache_dir or predictor.config.get("cache_dir"),
-                         sides=image_sides(df))
-    probs = predictor.predict_views(views, tta=tta, batch_size=batch_size, progress=True, workers=workers)
-    return write_predictions(out_dir, split, df, probs,
-                             extra_metrics={"tta": tta, "data": str(data), "run": str(run_dir)})
-
-

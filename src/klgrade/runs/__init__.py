@@ -75,7 +75,7 @@ class Predictor:
             raise ValueError(f"tta must be none or flip, got {tta!r}")
         views = check_views(views, self.img_size, self.run_dir)
         if self.module is not None:
-            return predict_module(self, views, tta, batch_size, progress, workers)
+            return predict_module(self.module, self, views, tta, batch_size, progress, workers)
         probs = self._predict(views, batch_size)
         if tta == "flip":
             probs = (probs + self._predict(np.ascontiguousarray(views[:, :, ::-1]), batch_size)) / 2

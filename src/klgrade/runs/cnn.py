@@ -135,13 +135,12 @@ def check_views(views, img_size: int, run_dir) -> np.ndarray:
     return views
 
 
-def predict_module(run, views: np.ndarray, tta: str = "none", batch_size: int = 64, progress: bool = False,
-                   workers: int = 0) -> np.ndarray:
-    """(N,5) probabilities of checked uint8 views through ``run.module`` (a LoadedRun's ``model`` or
-    a Predictor's ``module``) with the run's normalisation, device and layout."""
+def predict_module(module: torch.nn.Module, run, views: np.ndarray, tta: str = "none", batch_size: int = 64,
+                   progress: bool = False, workers: int = 0) -> np.ndarray:
+    """(N,5) probabilities of checked uint8 views through ``module`` with ``run``'s normalisation,
+    device and layout (a LoadedRun or a klgrade.runs.Predictor)."""
     ds = ViewBatches(views, np.arange(len(views)))
     loader = make_loader(ds, batch_size, shuffle=False, workers=workers, pin_memory=run.device.type == "cuda")
-    module = run.module if hasattr(run, "module") else run.model
     return predict_batches(module, loader, run.mean, run.std, run.device, tta, run.amp_dtype, run.channels_last,
                            n=len(views), progress=progress)
 
@@ -149,8 +148,8 @@ def predict_module(run, views: np.ndarray, tta: str = "none", batch_size: int = 
 def predict_views(loaded: LoadedRun, views, batch_size: int = 64, tta: str = "none",
                   progress: bool = False, workers: int = 0) -> np.ndarray:
     """(N,5) probabilities for uint8 views (N,S,S) (numpy array, memmap or tensor), S = img_size."""
-    return predict_module(loaded, check_views(views, loaded.img_size, loaded.run_dir), tta, batch_size,
-                          progress, workers)
+    return predict_module(loaded.model, loaded, check_views(views, loaded.img_size, loaded.run_dir), tta,
+                          batch_size, progress, workers)
 
 
 def load_cnn_predictor(run_dir: Path, cfg: dict, name: str, device: str = "auto"):
