@@ -6,7 +6,7 @@ for this run on this CPU (the layout evaluate and predict use). End to end = ``G
 on the same file: read + locate both joints + crop + view + normalise + forward + softmax + result
 dicts, with and without the joint space width measurement (``jsw``, a second product beside the
 grade). All sides run in this process with the same torch threads, interleaved, each timed over
-``--reps`` warm runs; the one-off process start (Python + torch import, model load) is reported apart.
+``--reps`` warm runs (CPU time including the call's own OpenMP spin-down, see SETTLE_S); the one-off process start (Python + torch import, model load) is reported apart.
 
     .venv/bin/python benchmarks/bench_predict.py [--run RUN] [--reps 20] [--json out.json]
 
@@ -31,11 +31,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# torch's OpenMP workers spin-wait ~3-8 ms of CPU after each forward before they sleep: CPU time is
+# read this long after a call returns, so each call is charged its own spin, not the next call's.
+SETTLE_S = 0.03
+
 
 def _interleaved(fns: dict, reps: int) -> dict:
     """Time each function ``reps`` times, interleaved (a, b, c, a, b, c, ...) so a busy machine
     slows them alike; returns {name: (min wall, median wall, min CPU)} in seconds. CPU time is this
-    process's, all threads: on a shared machine it is the cost least disturbed by other jobs."""
+    process's, all threads, up to SETTLE_S after the call: on a shared machine it is the cost least
+    disturbed by other jobs."""
     for fn in fns.values():
         fn()  # warm-up
     times = {k: [] for k in fns}
@@ -45,6 +50,7 @@ def _interleaved(fns: dict, reps: int) -> dict:
             c, t = time.process_time(), time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
+            time.sleep(SETTLE_S)
             cpu[k].append(time.process_time() - c)
     return {k: (min(v), statistics.median(v), min(cpu[k])) for k, v in times.items()}
 
@@ -111,7 +117,7 @@ def main() -> None:
             grader.tta = "none"
 
         t = _interleaved({"decode": lambda: read_radiograph(film),
-                          "views": lambda: knees_from_file(film, grader.img_size), "fwd2": lambda: bare(x),
+                          "views": lambda: knees_from_file(film, grader.img_size, jsw=False), "fwd2": lambda: bare(x),
                           "fwd4": lambda: bare(x4), "e2e": lambda: grader.predict_file(film),
                           "e2e_nojsw": lambda: grader.predict_file(film, jsw=False),
                           "e2e_flip": predict_flip, "fwd2_fp32": lambda: bare_fp32(x),
@@ -132,7 +138,7 @@ def main() -> None:
                    f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}",
         "model": grader.description, "precision": grader.precision, "img_size": grader.img_size,
         "film": "2560x2000 12-bit DICOM, 0.14 mm/px",
-        "reps": args.reps, "times_min_median_s": t, "baseline_s": [base_min, base_med],
+        "reps": args.reps, "cpu_settle_s": SETTLE_S, "times_min_median_s": t, "baseline_s": [base_min, base_med],
         "ratio_min": t["e2e"][0] / base_min, "ratio_median": t["e2e"][1] / base_med,
         "ratio_cpu": t["e2e"][2] / base_cpu,
         "ratio_min_without_jsw": t["e2e_nojsw"][0] / base_min, "ratio_median_without_jsw": t["e2e_nojsw"][1] / base_med,

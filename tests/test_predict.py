@@ -250,3 +250,60 @@ def test_each_knee_view_is_made_once_and_jsw_is_optional(grader, bilateral_dicom
     assert all("jsw" in k for k in with_jsw["knees"]) and not any("jsw" in k for k in without["knees"])
     for a, b in zip(with_jsw["knees"], without["knees"], strict=True):
         assert a["probabilities"] == b["probabilities"]
+
+
+def test_a_films_knees_are_graded_in_one_batch_without_a_data_loader(grader, bilateral_dicom, monkeypatch):
+    """Issue 19: a film's two views go straight to the model (no DataLoader, sampler or progress
+    bar, and no eval()/train() walk over a model already in eval mode), with the probabilities the
+    batched loader path gives."""
+    import klgrade.runs.cnn as cnn
+
+    views = np.stack([k.view for k in knees_from_file(bilateral_dicom[0], grader.img_size, jsw=False)[1]])
+    batched = grader.predictor.predict_views(views, tta=grader.tta, progress=True)  # the loader path
+    monkeypatch.setattr(cnn, "make_loader", lambda *a, **k: pytest.fail("DataLoader made for one batch"))
+    toggles = []
+    monkeypatch.setattr(grader.model, "train", lambda mode=True: toggles.append(mode))
+    direct = grader.predictor.predict_views(views, tta=grader.tta)
+    assert np.array_equal(direct, batched) and direct.shape == (2, 5)
+    assert toggles == []
+    res = grader.predict_file(bilateral_dicom[0], jsw=False)
+    assert [k["probabilities"] for k in res["knees"]] == [[round(float(p), 6) for p in row] for row in batched]
+
+
+def test_a_model_in_training_mode_is_graded_in_eval_mode_and_given_back():
+    from klgrade.runs.cnn import predict_batches
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(5))
+    views = torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8)
+    model(torch.zeros(1, 3, 16, 16))  # materialise the lazy layer
+    model[1].running_mean.fill_(0.3)  # eval-mode BatchNorm differs from the batch statistics
+    expect = predict_batches(model.eval(), [(views, None, torch.arange(3))], (0.5,) * 3, (0.25,) * 3, "cpu")
+    model.train()
+    model[1].eval()  # a mixed state is also graded wholly in eval mode
+    got = predict_batches(model, [(views, None, torch.arange(3))], (0.5,) * 3, (0.25,) * 3, "cpu")
+    assert np.array_equal(got, expect)
+    assert model.training and model[0].training
+
+
+def test_each_half_of_a_film_is_copied_once_and_each_bone_band_profiled_once(monkeypatch):
+    """Issue 19: a bilateral film's half is made contiguous once (locating and cropping read it
+    without copying it again) and each bone band's edge profile is made once for both centring
+    passes; the joints are still found."""
+    import klgrade.view.canonical as canonical
+    from klgrade.synthetic import render_bilateral
+
+    img, truth = render_bilateral(1, 3, np.random.default_rng(4), spacing_mm=0.3, shape=(700, 1000))
+    seen, bands = [], []
+    real_locate, real_crop, real_band = canonical.locate_knee, canonical._crop, canonical._band_gradient
+    monkeypatch.setattr(canonical, "locate_knee", lambda im: seen.append(im.flags.c_contiguous) or real_locate(im))
+    monkeypatch.setattr(canonical, "_crop", lambda im, *a: seen.append(im.flags.c_contiguous) or real_crop(im, *a))
+    monkeypatch.setattr(canonical, "_band_gradient", lambda *a: bands.append(a[1:]) or real_band(*a))
+    for side in "RL":
+        seen.clear()
+        bands.clear()
+        view, info = canonical.canonical_view(img, 128, spacing_mm=0.3, side=side)
+        assert info.ok and np.hypot(*np.subtract(info.centre, truth[side])) * 0.3 < 5  # mm
+        assert seen[0] and seen[-1]  # the half itself, as located and as cropped: already contiguous
+        assert len(bands) == len(set(bands)) == 2 * (len(seen) - 1)  # 2 bands per location, each once

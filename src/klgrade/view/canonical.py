@@ -127,7 +127,8 @@ def _joint_line(g: np.ndarray) -> tuple[int, int, float, float, float]:
     for sig in GAP_SIGMAS:
         if 8 * sig > h / 2:
             break
-        valley = ndimage.gaussian_filter(g, (sig, 0.7), order=(2, 0), mode="nearest") * (sig * sig)
+        valley = ndimage.gaussian_filter(g, (sig, 0.7), order=(2, 0), mode="nearest")
+        valley *= sig * sig
         near, far = int(round(2 * sig)), int(round(6 * sig))
         band = ndimage.uniform_filter1d(g, far - near + 1, axis=0, mode="nearest")
         sh = (far + near) // 2
@@ -141,26 +142,35 @@ def _joint_line(g: np.ndarray) -> tuple[int, int, float, float, float]:
         score[h - sh:] = 0
         line = ndimage.uniform_filter1d(score, max(3, w // 4), axis=1, mode="constant")
         iy, ix = np.unravel_index(int(np.argmax(line)), line.shape)
-        # dominance: the joint line stands out from the typical row (noise or texture does not).
-        # Rows within the filter's reach of the line are its own tails, not competitors: in a short
-        # frame (a wide 1.85:1 crop) they would be most rows and hide a clear line.
-        rows = line.max(axis=1)
-        others = np.r_[rows[sh: max(sh, iy - far)], rows[min(h - sh, iy + far + 1): h - sh]]
-        if len(others) < 8:
-            others = rows[sh: h - sh]
-        dom = float(line[iy, ix]) / max(float(np.percentile(others, 75)), 1e-9)
-        if line[iy, ix] > best[3]:
-            best = (int(iy), int(ix), sig, float(line[iy, ix]), dom)
+        if line[iy, ix] > best[3]:  # only the best scale's dominance is returned: skip the others'
+            best = (int(iy), int(ix), sig, float(line[iy, ix]), _dominance(line, iy, ix, sh, far))
     return best
 
 
-def _bone_edges(g: np.ndarray, r0: int, r1: int, cx: float) -> tuple[float, float, float, float]:
-    """Outer bone edges in rows r0:r1: (left x, right x, left strength, right strength), strengths
-    relative to the band's bone/soft contrast."""
+def _dominance(line: np.ndarray, iy: int, ix: int, sh: int, far: int) -> float:
+    """How far the joint line stands out from the typical row (noise or texture does not).
+    Rows within the filter's reach of the line are its own tails, not competitors: in a short
+    frame (a wide 1.85:1 crop) they would be most rows and hide a clear line."""
+    h = line.shape[0]
+    rows = line.max(axis=1)
+    others = np.concatenate([rows[sh: max(sh, iy - far)], rows[min(h - sh, iy + far + 1): h - sh]])
+    if len(others) < 8:
+        others = rows[sh: h - sh]
+    return float(line[iy, ix]) / max(float(np.percentile(others, 75)), 1e-9)
+
+
+def _band_gradient(g: np.ndarray, r0: int, r1: int) -> tuple[np.ndarray, float]:
+    """Horizontal intensity gradient of rows r0:r1 (averaged) and the band's bone/soft contrast:
+    made once per band, searched for edges on both centring passes."""
     prof = ndimage.gaussian_filter1d(g[r0:r1].mean(axis=0), 1.0, mode="nearest")
-    grad = np.gradient(prof)
-    contrast = max(float(np.percentile(prof, 95) - np.percentile(prof, 5)), 1e-3)
-    c = int(np.clip(round(cx), 2, len(prof) - 3))
+    lo, hi = np.percentile(prof, (5, 95))
+    return np.gradient(prof), max(float(hi - lo), 1e-3)
+
+
+def _bone_edges(grad: np.ndarray, contrast: float, cx: float) -> tuple[float, float, float, float]:
+    """Outer bone edges of a band (``_band_gradient``): (left x, right x, left strength, right
+    strength), strengths relative to the band's bone/soft contrast."""
+    c = int(np.clip(round(cx), 2, len(grad) - 3))
     left = int(np.argmax(grad[:c]))
     right = c + int(np.argmin(grad[c:]))
     # a step of the edge's size spread over ~3 px: strength ~ 3 * gradient / contrast
@@ -183,8 +193,9 @@ def locate_knee(img: np.ndarray) -> _Joint:
     bands = [(iy + d0, min(h, iy + d1)), (max(0, iy - d1), iy - d0)]  # plateau, condyles
     cx = w / 2
     edges = []
+    profiles = [_band_gradient(g, a, b) for a, b in bands if b - a >= 2]
     for _ in range(2):  # the centre from the first pass splits the search for the second
-        edges = [_bone_edges(g, a, b, cx) for a, b in bands if b - a >= 2]
+        edges = [_bone_edges(grad, contrast, cx) for grad, contrast in profiles]
         if not edges:
             break
         lx = float(np.mean([e[0] for e in edges]))
@@ -390,6 +401,7 @@ def canonical_view(img: np.ndarray, size: int, spacing_mm=None, side: str | None
         part = img[:, a:b]
         if side == "L":
             part = part[:, ::-1]  # a left knee, mirrored: lateral side on the image left like a right one
+        part = np.ascontiguousarray(part)  # copied once here, not again by each step that reads it
         cx, cy, fov, src, ok, reason, width = _unilateral(part, spacing)
         view, valid = _crop(part, cx, cy, fov, size)
         cx = a + (cx if side == "R" else part.shape[1] - 1 - cx)
