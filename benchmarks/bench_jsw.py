@@ -133,8 +133,22 @@ def kneekl224(root: Path, per_grade: int | None, seed: int) -> dict:
     return {"unit": "%plateau", "development_split": "train (2,000 random crops); val untouched until the final run",
             "medial_side_from": "file name (L/R), crops in film orientation",
             **_construct(df), "by_split": {s: _construct(d) for s, d in df.groupby("split")},
+            "secondary": _narrowest(df),
             "medial_side_right_share": round(float((df["medial_side"] == "right").mean()), 4),
             "medial_side_matches_name": round(float((df["medial_side"] == right).mean()), 4)}
+
+
+def _narrowest(df) -> dict:
+    """Not the target, which is medial: the knee's narrowest compartment (min of medial and lateral)
+    vs KL, and how often the lateral one is the narrower per grade (lateral-compartment OA)."""
+    from scipy.stats import spearmanr
+
+    both = df[np.isfinite(df["medial"].astype(float)) & np.isfinite(df["lateral"].astype(float))]
+    knee = np.minimum(both["medial"].astype(float), both["lateral"].astype(float))
+    lat = both["lateral"].astype(float) < both["medial"].astype(float)
+    return {"knee_min_spearman_rho": round(float(spearmanr(knee, both["klg"])[0]), 4),
+            "lateral_spearman_rho": round(float(spearmanr(both["lateral"].astype(float), both["klg"])[0]), 4),
+            "lateral_narrower_share_by_grade": {int(g): round(float(lat[both["klg"] == g].mean()), 3) for g in range(5)}}
 
 
 def _boxplot(df, path: Path) -> None:

@@ -31,6 +31,11 @@ SSL_BS=${SSL_BS:-64}
 SSL_LR=${SSL_LR:-5e-4}
 SCRATCH=${SCRATCH:-1}
 FINETUNE=${FINETUNE:-0}
+# STAGE2=1: continue ssl_lite0's pretraining at the embedding size (224 px), a second run
+# ssl_lite0_224 (--init ssl_lite0), embedded and headed like the first
+STAGE2=${STAGE2:-0}
+SSL2_EPOCHS=${SSL2_EPOCHS:-3}
+SSL2_LR=${SSL2_LR:-3e-4}
 FT_EPOCHS=${FT_EPOCHS:-8}
 SEED=${SEED:-0}
 N_BOOT=${N_BOOT:-2000}
@@ -80,7 +85,8 @@ finetune() {  # run-path weights (a pretrain run dir, or auto = ImageNet)
 }
 compare() {
   local runs=() names=()
-  for r in "$OUT/runs/ssl_lite0_frozen_mlp:Lite0 knee-SSL frozen+MLP" "$STUDY/runs/lite0_frozen_mlp:Lite0 ImageNet frozen+MLP" \
+  for r in "$OUT/runs/ssl_lite0_frozen_mlp:Lite0 knee-SSL frozen+MLP" \
+           "$OUT/runs/ssl_lite0_224_frozen_mlp:Lite0 knee-SSL 2nd stage (224 px) frozen+MLP" "$STUDY/runs/lite0_frozen_mlp:Lite0 ImageNet frozen+MLP" \
            "$OUT/runs/ssl_scratch_frozen_mlp:Lite0 knee-SSL from scratch frozen+MLP" \
            "$OUT/runs/ssl_lite0_ft:Lite0 fine-tuned from knee-SSL" \
            "$STUDY/runs/efficientnet_lite0_ft:Lite0 fine-tuned from ImageNet"; do
@@ -100,6 +106,12 @@ embed "$OUT/embeddings/ssl_lite0" "$OUT/runs/ssl_lite0"
 fit_head "$OUT/runs/ssl_lite0_frozen_mlp" "$OUT/embeddings/ssl_lite0"
 compare
 
+if [[ "$STAGE2" == 1 ]]; then
+  SSL_EPOCHS=$SSL2_EPOCHS SSL_IMG=224 SSL_LR=$SSL2_LR pretrain ssl_lite0_224 "$OUT/runs/ssl_lite0"
+  embed "$OUT/embeddings/ssl_lite0_224" "$OUT/runs/ssl_lite0_224"
+  fit_head "$OUT/runs/ssl_lite0_224_frozen_mlp" "$OUT/embeddings/ssl_lite0_224"
+  compare
+fi
 if [[ "$SCRATCH" == 1 ]]; then
   pretrain ssl_scratch none
   embed "$OUT/embeddings/ssl_scratch" "$OUT/runs/ssl_scratch"
@@ -111,7 +123,7 @@ if [[ "$FINETUNE" == 1 ]]; then
   finetune "$STUDY/runs/efficientnet_lite0_ft" auto
   compare
 fi
-for r in ssl_lite0 ssl_scratch; do
+for r in ssl_lite0 ssl_lite0_224 ssl_scratch; do
   [[ -f "$OUT/runs/$r/history.csv" ]] && { log "$r history (RankMe, kNN QWK per epoch):"; cat "$OUT/runs/$r/history.csv"; }
 done
 log "done: $OUT/report/report.html"
