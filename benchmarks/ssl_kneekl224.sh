@@ -98,8 +98,12 @@ compare() {
 }
 
 # The ImageNet baseline (shared with the pretrained study; skipped when that made it already)
-embed "$STUDY/embeddings/lite0" efficientnet_lite0 auto  # a no-op when the study made it
-fit_head "$STUDY/runs/lite0_frozen_mlp" "$STUDY/embeddings/lite0"
+# (its store is only needed to fit the head: a finished head is not re-embedded, e.g. a store of an
+# older view version whose kneeKL224 views are byte-identical to today's)
+if [[ ! -f "$STUDY/runs/lite0_frozen_mlp/metrics_test.json" ]]; then
+  embed "$STUDY/embeddings/lite0" efficientnet_lite0 auto  # a no-op when the study made it
+  fit_head "$STUDY/runs/lite0_frozen_mlp" "$STUDY/embeddings/lite0"
+fi
 
 pretrain ssl_lite0 imagenet
 embed "$OUT/embeddings/ssl_lite0" "$OUT/runs/ssl_lite0"

@@ -62,7 +62,7 @@ head() {  # run store head
 }
 compare() {
   local runs=() names=()
-  for r in efficientnet_lite0_ft256:"Lite0 fine-tuned (ImageNet, 256 px)" \
+  for r in efficientnet_lite0_ft256:"Lite0 fine-tuned (ImageNet; 256 px)" \
            efficientnet_lite0_ft:"Lite0 fine-tuned (ImageNet)" efficientnet_lite0_scratch:"Lite0 from scratch" \
            lite0_frozen_mlp:"Lite0 frozen+MLP" lite0_frozen_linear:"Lite0 frozen+linear" \
            lite0_frozen_xgboost:"Lite0 frozen+XGBoost" lite2_frozen_mlp:"Lite2 frozen+MLP" \

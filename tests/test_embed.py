@@ -192,6 +192,31 @@ def test_mismatched_store_is_refused(synth_png, tiny, tiny_biomedclip, tmp_path)
         open_store(tmp_path / "nowhere")
 
 
+def test_store_of_a_moved_view_module_is_reused_but_not_of_another_view_version(synth_png, tiny, tmp_path):
+    """Stores made before the view moved modules (klgrade.data.canonical -> klgrade.view.canonical)
+    hold the same views: the view version decides, not the module path in the recipe."""
+    import json
+
+    from klgrade.embed.embedders import VIEW_RECIPE
+    from klgrade.view.cache import CACHE_VERSION
+
+    store = tmp_path / "store"
+    embed_dataset(synth_png, "biomedclip", store, embedder=tiny, split="val", progress=False)
+    meta_path = store / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["preprocessing"]["view"] == VIEW_RECIPE
+    meta["preprocessing"]["view"] = VIEW_RECIPE.replace("klgrade.view.canonical", "klgrade.data.canonical")
+    meta_path.write_text(json.dumps(meta))
+    count = Counter(tiny.module)
+    embed_dataset(synth_png, "biomedclip", store, embedder=tiny, split="val", progress=False)
+    assert count.images == 0  # reused as it is
+    meta["preprocessing"]["view"] = VIEW_RECIPE.replace(f"view version {CACHE_VERSION}",
+                                                        f"view version {CACHE_VERSION - 1}")
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"preprocessing\.view: store .*view version"):
+        embed_dataset(synth_png, "biomedclip", store, embedder=tiny, split="val", progress=False)
+
+
 def test_embed_cli(synth_png, tiny_biomedclip, tmp_path, capsys):
     from klgrade.cli import main
 

@@ -22,6 +22,7 @@ import datetime as _dt
 import hashlib
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,7 +145,9 @@ class EmbeddingStore:
             if have == want:
                 continue
             if isinstance(have, dict) and isinstance(want, dict):
-                sub = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+                sub = [k for k in sorted(set(have) | set(want)) if _recipe(have.get(k)) != _recipe(want.get(k))]
+                if not sub:
+                    continue
                 diffs += [f"{f}.{k}: store {have.get(k)!r} vs now {want.get(k)!r}" for k in sub]
             elif f == "weights_fingerprint":
                 diffs.append(f"weights: store {self.meta.get('weights_source')!r} (sha1 {str(have)[:12]}) vs now "
@@ -357,3 +360,10 @@ def _versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def _recipe(value):
+    """A preprocessing recipe without the module that made it: 'canonical_view (klgrade.data.canonical),
+    view version 5' and '... (klgrade.view.canonical), view version 5' are one view (a file move,
+    not a change); the view version decides."""
+    return re.sub(r"\s*\(klgrade(\.\w+)+\)", "", value) if isinstance(value, str) else value
