@@ -73,6 +73,13 @@ fit_head() {  # run-path store-path
   log "fit-head $(basename "$1")"
   $BIN fit-head --embeddings "$2" --data "$DATA" --head mlp --seed "$SEED" --out "$1"
 }
+frozen_row() {  # head-run store backbone [weights]: embed + MLP head, unless the head run is finished
+  # (a finished head is not re-embedded: e.g. a store of an older view version, whose kneeKL224
+  # views are byte-identical to today's, would be refused)
+  if [[ -f "$1/metrics_test.json" ]]; then log "$(basename "$1"): done already"; return; fi
+  embed "$2" "$3" ${4:+"$4"}
+  fit_head "$1" "$2"
+}
 finetune() {  # run-path weights (a pretrain run dir, or auto = ImageNet)
   if [[ -f "$1/metrics_test.json" ]]; then log "$(basename "$1"): done already"; return; fi
   if [[ -f "$1/last.pt" ]]; then log "$(basename "$1"): resuming"; $BIN train --resume "$1"; return; fi
@@ -98,28 +105,20 @@ compare() {
 }
 
 # The ImageNet baseline (shared with the pretrained study; skipped when that made it already)
-# (its store is only needed to fit the head: a finished head is not re-embedded, e.g. a store of an
-# older view version whose kneeKL224 views are byte-identical to today's)
-if [[ ! -f "$STUDY/runs/lite0_frozen_mlp/metrics_test.json" ]]; then
-  embed "$STUDY/embeddings/lite0" efficientnet_lite0 auto  # a no-op when the study made it
-  fit_head "$STUDY/runs/lite0_frozen_mlp" "$STUDY/embeddings/lite0"
-fi
+frozen_row "$STUDY/runs/lite0_frozen_mlp" "$STUDY/embeddings/lite0" efficientnet_lite0 auto
 
 pretrain ssl_lite0 imagenet
-embed "$OUT/embeddings/ssl_lite0" "$OUT/runs/ssl_lite0"
-fit_head "$OUT/runs/ssl_lite0_frozen_mlp" "$OUT/embeddings/ssl_lite0"
+frozen_row "$OUT/runs/ssl_lite0_frozen_mlp" "$OUT/embeddings/ssl_lite0" "$OUT/runs/ssl_lite0"
 compare
 
 if [[ "$STAGE2" == 1 ]]; then
   SSL_EPOCHS=$SSL2_EPOCHS SSL_IMG=224 SSL_LR=$SSL2_LR pretrain ssl_lite0_224 "$OUT/runs/ssl_lite0"
-  embed "$OUT/embeddings/ssl_lite0_224" "$OUT/runs/ssl_lite0_224"
-  fit_head "$OUT/runs/ssl_lite0_224_frozen_mlp" "$OUT/embeddings/ssl_lite0_224"
+  frozen_row "$OUT/runs/ssl_lite0_224_frozen_mlp" "$OUT/embeddings/ssl_lite0_224" "$OUT/runs/ssl_lite0_224"
   compare
 fi
 if [[ "$SCRATCH" == 1 ]]; then
   pretrain ssl_scratch none
-  embed "$OUT/embeddings/ssl_scratch" "$OUT/runs/ssl_scratch"
-  fit_head "$OUT/runs/ssl_scratch_frozen_mlp" "$OUT/embeddings/ssl_scratch"
+  frozen_row "$OUT/runs/ssl_scratch_frozen_mlp" "$OUT/embeddings/ssl_scratch" "$OUT/runs/ssl_scratch"
   compare
 fi
 if [[ "$FINETUNE" == 1 ]]; then
