@@ -36,6 +36,8 @@ FINETUNE=${FINETUNE:-0}
 STAGE2=${STAGE2:-0}
 SSL2_EPOCHS=${SSL2_EPOCHS:-3}
 SSL2_LR=${SSL2_LR:-3e-4}
+# BYOL=1: the same budget with BYOL instead of SimCLR (ssl_byol, init ImageNet, 160 px)
+BYOL=${BYOL:-0}
 FT_EPOCHS=${FT_EPOCHS:-8}
 SEED=${SEED:-0}
 N_BOOT=${N_BOOT:-2000}
@@ -93,7 +95,8 @@ finetune() {  # run-path weights (a pretrain run dir, or auto = ImageNet)
 compare() {
   local runs=() names=()
   for r in "$OUT/runs/ssl_lite0_frozen_mlp:Lite0 knee-SSL frozen+MLP" \
-           "$OUT/runs/ssl_lite0_224_frozen_mlp:Lite0 knee-SSL 2nd stage (224 px) frozen+MLP" "$STUDY/runs/lite0_frozen_mlp:Lite0 ImageNet frozen+MLP" \
+           "$OUT/runs/ssl_lite0_224_frozen_mlp:Lite0 knee-SSL 2nd stage (224 px) frozen+MLP" \
+           "$OUT/runs/ssl_byol_frozen_mlp:Lite0 knee-BYOL frozen+MLP" "$STUDY/runs/lite0_frozen_mlp:Lite0 ImageNet frozen+MLP" \
            "$OUT/runs/ssl_scratch_frozen_mlp:Lite0 knee-SSL from scratch frozen+MLP" \
            "$OUT/runs/ssl_lite0_ft:Lite0 fine-tuned from knee-SSL" \
            "$STUDY/runs/efficientnet_lite0_ft:Lite0 fine-tuned from ImageNet"; do
@@ -116,6 +119,11 @@ if [[ "$STAGE2" == 1 ]]; then
   frozen_row "$OUT/runs/ssl_lite0_224_frozen_mlp" "$OUT/embeddings/ssl_lite0_224" "$OUT/runs/ssl_lite0_224"
   compare
 fi
+if [[ "$BYOL" == 1 ]]; then
+  METHOD=byol pretrain ssl_byol imagenet
+  frozen_row "$OUT/runs/ssl_byol_frozen_mlp" "$OUT/embeddings/ssl_byol" "$OUT/runs/ssl_byol"
+  compare
+fi
 if [[ "$SCRATCH" == 1 ]]; then
   pretrain ssl_scratch none
   frozen_row "$OUT/runs/ssl_scratch_frozen_mlp" "$OUT/embeddings/ssl_scratch" "$OUT/runs/ssl_scratch"
@@ -126,7 +134,7 @@ if [[ "$FINETUNE" == 1 ]]; then
   finetune "$STUDY/runs/efficientnet_lite0_ft" auto
   compare
 fi
-for r in ssl_lite0 ssl_lite0_224 ssl_scratch; do
+for r in ssl_lite0 ssl_lite0_224 ssl_byol ssl_scratch; do
   [[ -f "$OUT/runs/$r/history.csv" ]] && { log "$r history (RankMe, kNN QWK per epoch):"; cat "$OUT/runs/$r/history.csv"; }
 done
 log "done: $OUT/report/report.html"
