@@ -11,6 +11,8 @@
 #   lite0_frozen_mlp            Lite0 ImageNet, frozen + MLP (the baseline)
 #   ssl_scratch_frozen_mlp      Lite0, init none, + the same SimCLR, frozen + MLP   (SCRATCH=1)
 #   ssl_lite0_ft / efficientnet_lite0_ft   fine-tuned from knee-SSL / from ImageNet (FINETUNE=1)
+#   variants, each compared on the hold-out: ssl_lite0_224 (STAGE2=1), ssl_byol (BYOL=1),
+#   ssl_crop60 (CROP60=1)
 # Sizing (2 CPU cores, bf16 + channels-last where the CPU has it): SimCLR chosen over BYOL in a
 # smoke run (no momentum teacher: ~12% less per step, same RankMe rise, better kNN QWK); 160 px,
 # batch 64: ~6 s per batch beside another job, so 3 epochs of the ~5.2k train images (81 batches
@@ -38,6 +40,9 @@ SSL2_EPOCHS=${SSL2_EPOCHS:-3}
 SSL2_LR=${SSL2_LR:-3e-4}
 # BYOL=1: the same budget with BYOL instead of SimCLR (ssl_byol, init ImageNet, 160 px)
 BYOL=${BYOL:-0}
+# CROP60=1: SimCLR with milder crops (at least 60% of the view's area, not 35%: ssl_crop60)
+CROP60=${CROP60:-0}
+SSL_CROP=${SSL_CROP:-0.35}
 FT_EPOCHS=${FT_EPOCHS:-8}
 SEED=${SEED:-0}
 N_BOOT=${N_BOOT:-2000}
@@ -63,7 +68,7 @@ pretrain() {  # name init
   log "pretrain $1 ($METHOD, init $2, $SSL_EPOCHS epochs at $SSL_IMG px, train split only)"
   $BIN pretrain --data "$DATA" --splits train --model efficientnet_lite0 --init "$2" --method "$METHOD" \
     --epochs "$SSL_EPOCHS" --img-size "$SSL_IMG" --batch-size "$SSL_BS" --lr "$SSL_LR" --warmup-epochs 0.25 \
-    --seed "$SEED" --device "$DEVICE" --out "$run"
+    --crop-scale-min "$SSL_CROP" --seed "$SEED" --device "$DEVICE" --out "$run"
 }
 embed() {  # store-path backbone [weights]: incremental, so a killed embed resumes
   log "embed $1 ($2)"
@@ -96,7 +101,8 @@ compare() {
   local runs=() names=()
   for r in "$OUT/runs/ssl_lite0_frozen_mlp:Lite0 knee-SSL frozen+MLP" \
            "$OUT/runs/ssl_lite0_224_frozen_mlp:Lite0 knee-SSL 2nd stage (224 px) frozen+MLP" \
-           "$OUT/runs/ssl_byol_frozen_mlp:Lite0 knee-BYOL frozen+MLP" "$STUDY/runs/lite0_frozen_mlp:Lite0 ImageNet frozen+MLP" \
+           "$OUT/runs/ssl_byol_frozen_mlp:Lite0 knee-BYOL frozen+MLP" \
+           "$OUT/runs/ssl_crop60_frozen_mlp:Lite0 knee-SSL milder crops frozen+MLP" "$STUDY/runs/lite0_frozen_mlp:Lite0 ImageNet frozen+MLP" \
            "$OUT/runs/ssl_scratch_frozen_mlp:Lite0 knee-SSL from scratch frozen+MLP" \
            "$OUT/runs/ssl_lite0_ft:Lite0 fine-tuned from knee-SSL" \
            "$STUDY/runs/efficientnet_lite0_ft:Lite0 fine-tuned from ImageNet"; do
@@ -124,6 +130,11 @@ if [[ "$BYOL" == 1 ]]; then
   frozen_row "$OUT/runs/ssl_byol_frozen_mlp" "$OUT/embeddings/ssl_byol" "$OUT/runs/ssl_byol"
   compare
 fi
+if [[ "$CROP60" == 1 ]]; then
+  SSL_CROP=0.6 pretrain ssl_crop60 imagenet
+  frozen_row "$OUT/runs/ssl_crop60_frozen_mlp" "$OUT/embeddings/ssl_crop60" "$OUT/runs/ssl_crop60"
+  compare
+fi
 if [[ "$SCRATCH" == 1 ]]; then
   pretrain ssl_scratch none
   frozen_row "$OUT/runs/ssl_scratch_frozen_mlp" "$OUT/embeddings/ssl_scratch" "$OUT/runs/ssl_scratch"
@@ -134,7 +145,7 @@ if [[ "$FINETUNE" == 1 ]]; then
   finetune "$STUDY/runs/efficientnet_lite0_ft" auto
   compare
 fi
-for r in ssl_lite0 ssl_lite0_224 ssl_byol ssl_scratch; do
+for r in ssl_lite0 ssl_lite0_224 ssl_byol ssl_crop60 ssl_scratch; do
   [[ -f "$OUT/runs/$r/history.csv" ]] && { log "$r history (RankMe, kNN QWK per epoch):"; cat "$OUT/runs/$r/history.csv"; }
 done
 log "done: $OUT/report/report.html"
