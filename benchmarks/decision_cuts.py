@@ -22,18 +22,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from klgrade.evaluate.metrics import compute_metrics  # noqa: E402
-from klgrade.grades import N_GRADES  # noqa: E402
+from klgrade.evaluate.metrics import qwk
+from klgrade.grades import N_GRADES
 
 
 def _load(run: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     d = pd.read_csv(run / f"predictions_{split}.csv")
     return d["klg"].to_numpy(int), d[[f"p{k}" for k in range(N_GRADES)]].to_numpy(float)
-
-
-def _qwk(y, pred) -> float:
-    return float(compute_metrics(y, pred)["qwk"])
 
 
 def fit_cuts(y: np.ndarray, expected: np.ndarray, rounds: int = 5) -> np.ndarray:
@@ -42,7 +37,7 @@ def fit_cuts(y: np.ndarray, expected: np.ndarray, rounds: int = 5) -> np.ndarray
     for _ in range(rounds):
         for j in range(len(cuts)):
             grid = np.linspace(cuts[j] - 0.5, cuts[j] + 0.5, 101)
-            scores = [_qwk(y, np.digitize(expected, np.sort(np.r_[cuts[:j], g, cuts[j + 1:]]))) for g in grid]
+            scores = [qwk(y, np.digitize(expected, np.sort(np.r_[cuts[:j], g, cuts[j + 1:]]))) for g in grid]
             cuts[j] = grid[int(np.argmax(scores))]
     return np.sort(cuts)
 
@@ -53,10 +48,10 @@ def analyse(run: Path) -> dict:
     grades = np.arange(N_GRADES)
     cuts = fit_cuts(yv, pv @ grades)
     return {"run": run.name, "holdout_n": len(yv), "test_n": len(yt), "cuts": [round(float(c), 3) for c in cuts],
-            "holdout_qwk_argmax": round(_qwk(yv, pv.argmax(1)), 4),
-            "holdout_qwk_cuts": round(_qwk(yv, np.digitize(pv @ grades, cuts)), 4),
-            "test_qwk_argmax": round(_qwk(yt, pt.argmax(1)), 4),
-            "test_qwk_cuts": round(_qwk(yt, np.digitize(pt @ grades, cuts)), 4)}
+            "holdout_qwk_argmax": round(qwk(yv, pv.argmax(1)), 4),
+            "holdout_qwk_cuts": round(qwk(yv, np.digitize(pv @ grades, cuts)), 4),
+            "test_qwk_argmax": round(qwk(yt, pt.argmax(1)), 4),
+            "test_qwk_cuts": round(qwk(yt, np.digitize(pt @ grades, cuts)), 4)}
 
 
 def main() -> None:

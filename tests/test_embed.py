@@ -193,8 +193,8 @@ def test_mismatched_store_is_refused(synth_png, tiny, tiny_biomedclip, tmp_path)
 
 
 def test_store_of_a_moved_view_module_is_reused_but_not_of_another_view_version(synth_png, tiny, tmp_path):
-    """Stores made before the view moved modules (klgrade.data.canonical -> klgrade.view.canonical)
-    hold the same views: the view version decides, not the module path in the recipe."""
+    """Stores whose recipe names the view's module (before and after its move from
+    klgrade.data.canonical to klgrade.view.canonical) hold the same views: the view version decides."""
     import json
 
     from klgrade.embed.embedders import VIEW_RECIPE
@@ -205,10 +205,11 @@ def test_store_of_a_moved_view_module_is_reused_but_not_of_another_view_version(
     meta_path = store / "meta.json"
     meta = json.loads(meta_path.read_text())
     assert meta["preprocessing"]["view"] == VIEW_RECIPE
-    meta["preprocessing"]["view"] = VIEW_RECIPE.replace("klgrade.view.canonical", "klgrade.data.canonical")
-    meta_path.write_text(json.dumps(meta))
     count = Counter(tiny.module)
-    embed_dataset(synth_png, "biomedclip", store, embedder=tiny, split="val", progress=False)
+    for module in ("klgrade.data.canonical", "klgrade.view.canonical"):  # as older stores wrote it
+        meta["preprocessing"]["view"] = VIEW_RECIPE.replace("canonical_view,", f"canonical_view ({module}),")
+        meta_path.write_text(json.dumps(meta))
+        embed_dataset(synth_png, "biomedclip", store, embedder=tiny, split="val", progress=False)
     assert count.images == 0  # reused as it is
     meta["preprocessing"]["view"] = VIEW_RECIPE.replace(f"view version {CACHE_VERSION}",
                                                         f"view version {CACHE_VERSION - 1}")

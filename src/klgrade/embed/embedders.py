@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 FEATURES = ("proj", "pre")
 # How the view is made, in the store's preprocessing record: it names the view code's version, so a
 # store made with an older canonical view is refused (the version changes whenever the views do).
-VIEW_RECIPE = f"canonical_view (klgrade.view.canonical), view version {CACHE_VERSION}, uint8"
+VIEW_RECIPE = f"canonical_view, view version {CACHE_VERSION}, uint8"
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")

@@ -363,7 +363,7 @@ def _versions() -> dict:
 
 
 def _recipe(value):
-    """A preprocessing recipe without the module that made it: 'canonical_view (klgrade.data.canonical),
-    view version 5' and '... (klgrade.view.canonical), view version 5' are one view (a file move,
-    not a change); the view version decides."""
+    """A preprocessing recipe without a module path: stores made before VIEW_RECIPE dropped it say
+    'canonical_view (klgrade.data.canonical), view version 5' or '... (klgrade.view.canonical) ...';
+    a file move is not a view change, the view version decides."""
     return re.sub(r"\s*\(klgrade(\.\w+)+\)", "", value) if isinstance(value, str) else value
