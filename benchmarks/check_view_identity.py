@@ -127,7 +127,7 @@ def digests(inputs: Path, n_real: int, real_dir: Path = REAL) -> dict:
                 out[f"{key}@{size}:{k.side}"] = [layout, None if k.view is None else _digest(k.view),
                                                  k.info.as_dict() if k.info else None, k.location, k.note, k.error]
         if i < 60:  # every intensity option on the decoded array
-            img, sp, _ = read_film(f)
+            img, sp = read_film(f)[:2]
             for intensity, clahe in (("window", False), ("none", False), ("match", True)):
                 v, info = canonical_view(img, 128, spacing_mm=sp, intensity=intensity, clahe=clahe)
                 out[f"{key}:{intensity}{'+clahe' if clahe else ''}"] = [_digest(v), info.as_dict()]

@@ -291,15 +291,16 @@ def test_each_half_of_a_film_is_copied_once_and_each_bone_band_profiled_once(mon
     """Issue 19: a bilateral film's half is made contiguous once (locating and cropping read it
     without copying it again) and each bone band's edge profile is made once for both centring
     passes; the joints are still found."""
+    import klgrade.ingest.roi as roi
     import klgrade.view.canonical as canonical
     from klgrade.synthetic import render_bilateral
 
     img, truth = render_bilateral(1, 3, np.random.default_rng(4), spacing_mm=0.3, shape=(700, 1000))
     seen, bands = [], []
-    real_locate, real_crop, real_band = canonical.locate_knee, canonical._crop, canonical._band_gradient
-    monkeypatch.setattr(canonical, "locate_knee", lambda im: seen.append(im.flags.c_contiguous) or real_locate(im))
+    real_locate, real_crop, real_band = roi.locate_knee, canonical._crop, roi._band_gradient
+    monkeypatch.setattr(roi, "locate_knee", lambda im, **k: seen.append(im.flags.c_contiguous) or real_locate(im, **k))
     monkeypatch.setattr(canonical, "_crop", lambda im, *a: seen.append(im.flags.c_contiguous) or real_crop(im, *a))
-    monkeypatch.setattr(canonical, "_band_gradient", lambda *a: bands.append(a[1:]) or real_band(*a))
+    monkeypatch.setattr(roi, "_band_gradient", lambda *a: bands.append(a[1:]) or real_band(*a))
     for side in "RL":
         seen.clear()
         bands.clear()

@@ -1,4 +1,4 @@
-"""klgrade.ingest.roi: classical knee-joint localisation and the square crop."""
+"""klgrade.ingest.roi: the one knee locator (ingest and view) and the square crop."""
 from __future__ import annotations
 
 import numpy as np
@@ -54,17 +54,6 @@ def test_collimation_borders_and_markers(films):
         for side in "RL":
             assert locs[side].ok, locs[side].reason
             assert np.hypot(locs[side].x - truth[side][0], locs[side].y - truth[side][1]) * sp <= 5.0
-
-
-def test_monochrome1_handled_by_the_reader_not_roi(films):
-    # roi expects bone bright; an inverted film (what MONOCHROME1 stores) must not be located
-    img, truth, sp = films[1]
-    locs = roi.locate_bilateral(1.0 - img, sp)
-    good = roi.locate_bilateral(img, sp)
-    assert all(good[s].ok for s in "RL")
-    for s in "RL":
-        err = np.hypot(locs[s].x - truth[s][0], locs[s].y - truth[s][1]) * sp
-        assert not locs[s].ok or err <= 5.0
 
 
 def test_not_a_knee_is_reported_not_guessed():
@@ -129,7 +118,7 @@ def test_to_uint16_uses_full_range():
     assert not roi.to_uint16(np.zeros((8, 8), np.float32)).any()
 
 
-@pytest.mark.parametrize("shape, n_films", [((2000, 2560), 5), ((1000, 1280), 10)])
+@pytest.mark.parametrize("shape, n_films", [((2000, 2560), 8), ((1000, 1280), 15)])
 def test_localisation_across_film_shapes(shape, n_films):
     """The same physical films at OAI size and as a 2x-downsampled export (issue 15: 1000x1280 films
     were drawn 128-250 mm wide, too narrow for two legs): every knee within 5 mm at both."""
@@ -172,3 +161,40 @@ def test_synth_at_a_smaller_shape_is_a_coarser_export_and_prepares(tmp_path, cap
     assert not rejects["reason"].astype(str).str.contains("not located").any(), rejects["reason"].tolist()
     graded = truth["klg_label"].notna().sum()
     assert len(pd.read_csv(out / "manifest.csv")) == graded
+
+
+def test_view_and_ingest_share_the_locator_and_its_resolution():
+    """Issue 15: predict's view of a film is centred where prepare oai located the joint (one
+    locator, on the film reduced by the same factor whatever the view size)."""
+    from klgrade.synthetic import film_spacing_range
+    from klgrade.view.entrance import _knee, reduce_for_view
+
+    rng = np.random.default_rng(5)
+    img, truth = render_bilateral(2, 3, rng, spacing_mm=0.14, shape=(2000, 2560))
+    assert film_spacing_range((2000, 2560))[0] <= 0.14
+    ingest = roi.locate_bilateral(img, 0.14)
+    for size in (64, 224):
+        small, sp, f = reduce_for_view(img, 0.14, size)
+        assert f == roi.locate_factor(0.14, img.shape) == 2
+        cut = roi.split_legs(small, sp)
+        for side in "RL":
+            knee = _knee(small, sp, side, size, f, cut)
+            assert (knee.location["x"], knee.location["y"]) == pytest.approx((ingest[side].x, ingest[side].y), abs=0.06)
+
+
+@pytest.mark.parametrize("text, why", [({"klgrade:pixel_spacing_mm": "abc"}, "is not a pixel spacing"),
+                                       ({"klgrade:pixel_spacing_mm": "0.35", "klgrade:joint_xy_px": "5,900"},
+                                        "is not a point inside"),
+                                       ({"klgrade:pixel_spacing_mm": "nan"}, "is not a pixel spacing")])
+def test_a_crops_stated_geometry_is_checked(tmp_path, text, why):
+    from PIL import Image, PngImagePlugin
+
+    from klgrade.view.entrance import ViewError, film_knees
+
+    info = PngImagePlugin.PngInfo()
+    for k, v in text.items():
+        info.add_text(k, v)
+    path = tmp_path / "crop.png"
+    Image.fromarray(np.full((64, 64), 30000, np.uint16)).save(path, pnginfo=info)
+    with pytest.raises(ViewError, match=f"crop.png: .*{why}"):
+        film_knees(path, 64)

@@ -1,5 +1,5 @@
-"""Knee geometry shared by the two joint locators (klgrade.ingest.roi for ingest, klgrade.view.canonical
-for the model's view): one calibration, so ingest and view agree on what a knee is."""
+"""Knee geometry shared by the knee locator (klgrade.ingest.roi, used by ingest and the view) and
+the model's view (klgrade.view.canonical): one calibration, so ingest and view agree on what a knee is."""
 from __future__ import annotations
 
 # Adult tibial plateau width (mm): sets the view's field of view when the pixel spacing is known,

@@ -24,6 +24,13 @@ class ImageReadError(ValueError):
     """An image that cannot be used; the message names the file and the reason."""
 
 
+# PNG text chunks in which prepare oai records a crop's pixel spacing (mm/px) and the joint centre
+# (x,y px) the locator found on the film: the view frames the crop on them instead of locating
+# the joint again on a different array (evaluate's view of a crop = predict's view of its film).
+SPACING_KEY = "klgrade:pixel_spacing_mm"
+JOINT_KEY = "klgrade:joint_xy_px"
+
+
 def max_pixels() -> int:
     """The pixel budget (rows x columns) of one image: KLGRADE_MAX_PIXELS or DEFAULT_MAX_PIXELS."""
     raw = os.environ.get("KLGRADE_MAX_PIXELS", "").strip()
@@ -63,11 +70,18 @@ def read_image(path: str | Path) -> np.ndarray:
     RGB files are accepted when the channels are equal (grayscale stored as RGB); real colour is
     refused. DICOM goes through klgrade.ingest.dicom (LUTs, MONOCHROME1, spacing).
     """
+    return read_image_stated(path)[0]
+
+
+def read_image_stated(path: str | Path) -> tuple[np.ndarray, object, tuple[float, float] | None]:
+    """``read_image``, the pixel spacing in mm when the file states one (a DICOM's, or a prepared
+    crop's ``SPACING_KEY``) and the joint centre a prepared crop states (``JOINT_KEY``); else None."""
     path = Path(path)
     if is_dicom(path):
         from klgrade.ingest.dicom import read_radiograph
 
-        return read_radiograph(path).pixels
+        rad = read_radiograph(path)
+        return rad.pixels, rad.spacing_mm, None
     try:
         with Image.open(path) as im:
             problem = size_problem(*im.size)  # from the header: nothing decoded yet
@@ -75,6 +89,7 @@ def read_image(path: str | Path) -> np.ndarray:
                 raise ImageReadError(f"{path}: {problem}")
             if im.mode not in _DIRECT_MODES and not im.mode.startswith("I;16"):
                 im = im.convert("RGBA" if im.mode in ("PA", "RGBa", "La") else "RGB")
+            spacing, joint = _stated_geometry(im, path)
             im.load()
             arr = np.asarray(im)
             mode = im.mode
@@ -85,7 +100,34 @@ def read_image(path: str | Path) -> np.ndarray:
         if isinstance(e, ImageReadError):
             raise
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-    return to_gray_float(arr, mode, path)
+    return to_gray_float(arr, mode, path), spacing, joint
+
+
+def _stated_geometry(im: Image.Image, path: Path) -> tuple[float | None, tuple[float, float] | None]:
+    """The ``SPACING_KEY`` (mm/px) and ``JOINT_KEY`` (x,y px inside the image) text chunks,
+    validated; None where absent. A joint is only taken with a spacing (prepare oai writes both)."""
+    text = getattr(im, "text", None) or {}
+    if SPACING_KEY not in text:
+        return None, None
+
+    def numbers(key: str, n: int) -> list[float]:
+        try:
+            values = [float(v) for v in str(text[key]).split(",")]
+        except (TypeError, ValueError):
+            values = []
+        return values if len(values) == n and all(np.isfinite(values)) else []
+
+    spacing = numbers(SPACING_KEY, 1)
+    if not spacing or not 0.005 <= spacing[0] <= 5.0:
+        raise ImageReadError(f"{path}: its {SPACING_KEY!r} text ({text[SPACING_KEY]!r}) is not a pixel "
+                             "spacing in mm (0.005-5)")
+    if JOINT_KEY not in text:
+        return spacing[0], None
+    joint = numbers(JOINT_KEY, 2)
+    if not joint or not (0 <= joint[0] < im.size[0] and 0 <= joint[1] < im.size[1]):
+        raise ImageReadError(f"{path}: its {JOINT_KEY!r} text ({text[JOINT_KEY]!r}) is not a point "
+                             f"inside the {im.size[0]}x{im.size[1]} image")
+    return spacing[0], (joint[0], joint[1])
 
 
 def to_gray_float(arr: np.ndarray, mode: str, path: str | Path = "<image>") -> np.ndarray:

@@ -54,7 +54,8 @@ class CropParams:
         return self.size * self.mm_per_px
 
     def tag(self) -> str:
-        return f"{self.size}px@{self.mm_per_px:g}mm/conf{self.min_confidence:g}"
+        # "loc2": the one locator and the crop's spacing chunk (issue 15); older crops are redone
+        return f"{self.size}px@{self.mm_per_px:g}mm/conf{self.min_confidence:g}/loc2"
 
 
 def image_id(patient_id: str, visit: int, side: str) -> str:
@@ -65,15 +66,23 @@ def crop_relpath(patient_id: str, visit: int, side: str) -> str:
     return f"images/{int(visit):02d}m/{image_id(patient_id, visit, side)}.png"
 
 
-def write_png16(path: Path, arr: np.ndarray) -> None:
-    """Atomic 16-bit grayscale PNG. zlib level 1: the PNG write is the costliest step of a film, and
-    noisy 16-bit radiographs shrink little more at higher levels (~3% at the default 6)."""
-    from PIL import Image
+def write_png16(path: Path, arr: np.ndarray, spacing_mm: float | None = None) -> None:
+    """Atomic 16-bit grayscale PNG. With ``spacing_mm`` (a crop centred on its joint) the spacing
+    and the centre go into text chunks (klgrade.ingest.images.SPACING_KEY, JOINT_KEY): the view
+    frames the crop on them, as it frames the film. zlib level 1: the PNG write is the costliest
+    step of a film, and noisy 16-bit radiographs shrink little more at higher levels (~3% at 6)."""
+    from PIL import Image, PngImagePlugin
 
     from klgrade import io
+    from klgrade.ingest.images import JOINT_KEY, SPACING_KEY
 
+    info = PngImagePlugin.PngInfo()
+    if spacing_mm is not None:
+        info.add_text(SPACING_KEY, f"{spacing_mm:.6g}")
+        info.add_text(JOINT_KEY, f"{(arr.shape[1] - 1) / 2:g},{(arr.shape[0] - 1) / 2:g}")
     with io.atomic_path(path) as tmp:
-        Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint16)).save(tmp, format="PNG", compress_level=1)
+        Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint16)).save(tmp, format="PNG", compress_level=1,
+                                                                         pnginfo=info)
 
 
 def process_series(task: dict) -> dict:
@@ -116,7 +125,7 @@ def process_series(task: dict) -> dict:
         crop = crop_square(rad.pixels, (loc.x, loc.y), params.fov_mm, rad.spacing_mm, params.size,
                            flip=(side == "L"))
         rel = crop_relpath(task["patient_id"], task["visit"], side)
-        write_png16(Path(task["out"]) / rel, to_uint16(crop))
+        write_png16(Path(task["out"]) / rel, to_uint16(crop), params.mm_per_px)
         rec["sides"][side] = {"crop": {
             "path": rel, "joint_x": round(loc.x, 1), "joint_y": round(loc.y, 1),
             "confidence": round(loc.confidence, 3), "joint_width_mm": round(loc.width_px * sx, 1),

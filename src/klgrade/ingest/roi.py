@@ -1,25 +1,25 @@
-"""Knee joint localisation without learned weights, and the square crop around a joint.
+"""The knee locator (ingest and the model's view share it) and the square crop around a joint.
 
-The method is classical and relies on what every PA knee radiograph shows (bone bright):
+Classical, no learned weights; it relies on what every PA knee radiograph shows (bone bright):
 
-1. Work on a block-averaged copy at about ``WORK_MM`` mm/px, contrast-normalised by percentiles,
-   so exposure, bit depth and detector size do not matter and a 5-Mpx film costs ~20 ms.
-2. Bilateral films: the two legs are the bright humps of the column profile; the darkest column
-   between them splits the film (image left = patient's right knee).
-3. The joint space is a thin dark horizontal gap with bright bone above (femoral condyles) and
-   below (tibial plateau). Vertical second-derivative-of-Gaussian filters (two scales: narrow and
-   wide gaps) respond to thin dark horizontal lines; the response is weighted by how bright the
-   bone on *both* sides of the line is and averaged over ~30 mm of width, so skin folds, soft
-   tissue and short lines score low. The best row is the joint line. The line is followed medially
-   and laterally (within +-8 mm of that row, bridging the tibial spines); the joint centre is the
-   mean of the line's midpoint and the midpoint of the femoral condyles' outer margins just above
-   it (the bicondylar width, which joint-space narrowing and osteophytes barely move).
-4. Confidence combines the gap's depth, how much the best line beats the next best one, how
-   unbroken it is, whether there is bone on both sides, and whether its width is that of a knee;
-   below ``MIN_CONFIDENCE`` the knee is reported as not located instead of guessed.
+1. **Bilateral films** (two legs side by side): the darkest smoothed column between the legs
+   splits the film (image left = patient's right knee); left knees are mirrored into the right
+   knee's orientation before they are located, as the view shows them.
+2. **Joint line**: the joint space is a thin dark horizontal band with bright bone above (femoral
+   condyles) and below (tibial plateau). A scale-normalised vertical second derivative of Gaussian
+   at several widths, weighted by how much darker the band is than both of its flanks, is averaged
+   along rows on a ~``WORK_PX``-px copy; the best row is the joint line, and it must stand out
+   from the typical row (``dominance``) or the knee is reported as not located, never guessed.
+3. **Centre and width**: just below the line the tibial plateau (and just above, the condyles)
+   are a bright bone band whose outer cortical edges are the strongest horizontal intensity
+   steps; their midpoint is the joint centre and the plateau's edges its width.
+4. **A closer look**: a knee small in its frame (a film) is located again on a sub-image a few
+   plateau widths wide around the first estimate (``CLOSER_LOOK_MM``).
 
-``locate_joint`` works on one knee of any framing (spacing optional), ``locate_bilateral`` on a
-bilateral film, ``crop_square`` cuts a square of fixed field of view in mm around a point.
+``locate_joint`` takes one knee of any framing (spacing optional), ``locate_bilateral`` a
+bilateral film (prepare oai), and ``klgrade.view.canonical`` frames its views on the same
+``locate_joint``: a prepared crop and the film it came from are centred by the same code.
+``crop_square`` cuts a square of fixed field of view in mm around a point.
 """
 from __future__ import annotations
 
@@ -32,51 +32,34 @@ from scipy import ndimage
 
 from klgrade.ingest.anatomy import KNEE_WIDTH_MM, TYPICAL_KNEE_WIDTH_MM
 
-WORK_MM = 1.0            # working pixel size for localisation (mm)
-GAP_SIGMAS_MM = (1.4, 2.8)  # scales of the joint-space valley filter
-FLANK_NEAR_MM, FLANK_FAR_MM = 3.5, 14.0  # bone is looked for this far above/below the gap
-LINE_WIDTH_MM = 30.0     # horizontal averaging of the gap response
-ROW_TOL_MM = 8.0         # how far the gap may leave the peak row across the joint (tilt, JSN)
+WORK_MM = 1.0  # working pixel size for splitting a bilateral film (mm)
+# A film finer than this (mm/px) is area-reduced by an integer factor before it is located, by
+# ingest and by the view alike, so both locate the same array whatever the view size (OAI's
+# 0.14 mm films: factor 2, as a 224-px view reduced them before).
+LOCATE_MM = 0.3
+WORK_PX = 192  # long side of the working copy used for localisation
+GAP_SIGMAS = (1.2, 1.8, 2.7, 4.0)  # joint-space widths tried (work px, Gaussian sigma)
+MIN_GAP_SCORE = 0.004  # below: no joint-space-like band at all ...
+# ... unless the band is faint but unmistakable: low-contrast films (and wide framings, where the
+# joint is small) give scores down to ~0.001 with the line still 12-300x above the typical row.
+MIN_FAINT_GAP_SCORE = 0.0006
+MIN_FAINT_DOMINANCE = 12.0
+MIN_DOMINANCE = 4.0  # the joint line must beat the typical row by this factor (knees: >14, noise: ~2)
+MIN_EDGE = 0.06  # a bone edge must be at least this fraction of the bone/soft-tissue contrast
+BORDER_FRAC = 0.03  # an edge this close to the frame may be the frame itself (a truncated knee)
+WIDTH_RANGE = (0.25, 1.02)  # plausible plateau width as a fraction of the image width
+# The closer look's sub-image side in plateau widths. With a known spacing the first estimate's
+# width is trusted: 1.6 widths, centred on both bone bands, puts films' knees within 5 mm at
+# 0.1-0.4 mm/px, where 2.1 widths centred on the plateau alone missed 3-13% by 5-9 mm
+# (tests/test_roi.py). Without a spacing (PNG crops) the width itself may be wrong and the wider
+# look stays; kneeKL224 crops (knee >= 0.6 of the frame) rarely take either, so their views are
+# unchanged.
+CLOSER_LOOK_MM = 1.6
+CLOSER_LOOK_BLIND = 1.7 * 1.235  # = 2.1; written as before so the product, and the views, are bit-equal
+SMALL_IN_FRAME = 0.6  # a knee narrower than this fraction of its frame's long side gets the closer look
+# JointLocation.confidence = 1 - MIN_DOMINANCE / dominance: 0 where the joint line just beats the
+# typical row by MIN_DOMINANCE, 0.5 at twice that (knees: dominance > 14, noise ~2).
 MIN_CONFIDENCE = 0.5
-SOFT_PCT = 25.0  # soft-tissue level: this percentile of the leg (not air) pixels; their median was
-# near bone on narrow films (bone fills much of the frame), which failed ~3% of synthetic knees
-# Fields of view tried when a single knee comes without pixel spacing (mm across the long side).
-UNKNOWN_FOV_MM = (110.0, 160.0, 230.0, 330.0)
-
-
-class LocalisationError(ValueError):
-    """A knee joint that could not be located with confidence (see ``JointLocation.require``)."""
-
-
-@dataclass
-class JointLocation:
-    """A located joint in the input image's pixel coordinates.
-
-    ``x``, ``y``: joint centre (px, column and row; pixel centres at integers).
-    ``confidence``: 0-1; ``ok`` is False when below the threshold or implausible (see ``reason``).
-    ``width_px``: medial-lateral extent of the joint line (px), ``spacing_mm``: mm/px used; when
-    the caller gave none it is estimated from ``width_px`` and a typical knee width.
-    """
-
-    x: float
-    y: float
-    confidence: float
-    ok: bool
-    width_px: float = float("nan")
-    spacing_mm: float | None = None
-    spacing_estimated: bool = False
-    gap_depth: float = 0.0
-    dominance: float = 0.0
-    reason: str = ""
-
-    def require(self, where: str = "image") -> JointLocation:
-        """Return self, or raise LocalisationError naming ``where`` and the reason."""
-        if not self.ok:
-            raise LocalisationError(f"{where}: knee joint not located ({self.reason})")
-        return self
-
-    def as_dict(self, prefix: str = "") -> dict:
-        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
 
 
 def _spacing_pair(spacing_mm) -> tuple[float, float] | None:
@@ -132,172 +115,339 @@ def _to_input(v: float, f: int) -> float:
     return (v + 0.5) * f - 0.5
 
 
-def _gap_evidence(g: np.ndarray, my: float, mx: float) -> tuple[np.ndarray, np.ndarray]:
-    """Per-pixel joint-gap score (dark thin horizontal line, bone above and below) and the
-    weaker-flank brightness, both on the work grid."""
-    valley = None
-    for s_mm in GAP_SIGMAS_MM:  # narrow and wide joint spaces
-        sig = max(s_mm / my, 0.8)
-        v = ndimage.gaussian_filter(g, (sig, max(1.0 / mx, 0.5)), order=(2, 0), mode="nearest")
-        v *= sig * sig  # scale-normalised, so the value is a contrast comparable across scales
-        valley = v if valley is None else np.maximum(valley, v)
-    near, far = max(1, int(round(FLANK_NEAR_MM / my))), max(2, int(round(FLANK_FAR_MM / my)))
-    band = ndimage.uniform_filter1d(g, far - near + 1, axis=0, mode="nearest")
-    shift = (far + near) // 2
-    above = np.empty_like(band)
-    below = np.empty_like(band)
-    above[shift:] = band[:-shift]
-    above[:shift] = band[:1]
-    below[:-shift] = band[shift:]
-    below[-shift:] = band[-1:]
-    flank = np.minimum(above, below)
-    return valley, flank
+class LocalisationError(ValueError):
+    """A knee joint that could not be located with confidence (see ``JointLocation.require``)."""
 
 
-def _locate_work(g: np.ndarray, my: float, mx: float) -> dict:
-    """Locate the joint on a normalised work image; returns a dict in work coordinates."""
+@dataclass
+class JointLocation:
+    """A located joint in the input image's pixel coordinates.
+
+    ``x``, ``y``: joint centre (px, column and row; pixel centres at integers).
+    ``confidence``: 0-1 from the joint line's dominance; ``ok`` is False when the joint was not
+    found, below ``min_confidence`` or not knee-sized (``reason`` says which). ``width_px``: the
+    tibial plateau's width (px; a lower bound when ``truncated``), ``spacing_mm``: mm/px used; when
+    the caller gave none it is estimated from ``width_px`` and a typical knee width. ``note``: a
+    caveat that does not stop the view (a truncated knee, a doubtful spacing).
+    """
+
+    x: float
+    y: float
+    confidence: float
+    ok: bool
+    width_px: float = float("nan")
+    spacing_mm: float | None = None
+    spacing_estimated: bool = False
+    dominance: float = 0.0
+    truncated: str = ""
+    reason: str = ""
+    note: str = ""
+
+    def require(self, where: str = "image") -> JointLocation:
+        """Return self, or raise LocalisationError naming ``where`` and the reason."""
+        if not self.ok:
+            raise LocalisationError(f"{where}: knee joint not located ({self.reason})")
+        return self
+
+    def as_dict(self, prefix: str = "") -> dict:
+        return {f"{prefix}{k}": v for k, v in asdict(self).items()}
+
+
+def _resize(img: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    h, w = shape_hw
+    interp = cv2.INTER_AREA if h < img.shape[0] else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(img, np.float32), (w, h), interpolation=interp)
+
+
+def _work(img: np.ndarray, film: bool = False) -> tuple[np.ndarray, float]:
+    """The ~WORK_PX-px working copy, contrast-normalised on percentiles. On a ``film`` (a pixel
+    spacing is known: DICOM) bright flat bands at its edges (unexposed collimation borders, white
+    in MONOCHROME2) are overwritten by the image's own edge, so their borders pass neither for
+    bone nor for a joint line; dark flat bands are air already. Crops are left as they were (their
+    views stay bit-equal)."""
+    h, w = img.shape
+    f = WORK_PX / max(h, w)
+    small = _resize(img, (max(8, round(h * f)), max(8, round(w * f))))
+    bands = _bright_flat_bands(small) if film else (0, 0, 0, 0)
+    t, b, left, r = bands
+    if any(bands):
+        inner = small[t: small.shape[0] - b, left: small.shape[1] - r]
+        lo, hi = np.percentile(inner, (1, 99))
+        small = np.pad(inner, ((t, b), (left, r)), mode="edge")  # no step where the band was
+    else:
+        lo, hi = np.percentile(small, (1, 99))
+    return np.clip((small - lo) / max(hi - lo, 1e-6), 0, 1), f
+
+
+def _bright_flat_bands(small: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) widths of flat bands brighter than the image's median, each one
+    row/column wider (the band's border is half band, half image after the resize); zeros when
+    they would leave too little."""
+    sh, sw = small.shape
+    flat = _flat_margins(small)
+    med = float(np.median(small))
+    slices = (np.s_[:flat[0]], np.s_[sh - flat[1]:], np.s_[:, :flat[2]], np.s_[:, sw - flat[3]:])
+    t, b, left, r = (m + 1 if m and float(small[sl].mean()) > med else 0 for m, sl in zip(flat, slices))
+    return (t, b, left, r) if t + b < sh - 4 and left + r < sw - 4 else (0, 0, 0, 0)
+
+
+@dataclass
+class _Joint:
+    x: float
+    y: float
+    width: float
+    score: float
+    reason: str = ""
+    truncated: str = ""  # 'left', 'right', 'both' or ''
+    dominance: float = 0.0
+
+
+def _joint_line(g: np.ndarray) -> tuple[int, int, float, float, float]:
+    """Best joint-line row on a work image: (row, column of the peak, sigma, score, dominance)."""
     h, w = g.shape
-    g = ndimage.gaussian_filter(g, 0.6, mode="nearest")
-    # Anything brighter than bone (lead markers, metal, frame beads) is clipped to the bone level,
-    # so its edges do not look like a gap under a bright flank.
-    g = np.minimum(g, np.float32(np.percentile(g[::2, ::2], 98)))
-    valley, flank = _gap_evidence(g, my, mx)
-    # Brightness levels: soft tissue ~ the median of the leg, bone ~ a high percentile.
-    inside = g[g >= np.percentile(g, 20)]
-    soft, bone = float(np.percentile(inside, SOFT_PCT)), float(np.percentile(g, 97))
-    flank_w = np.clip((flank - soft) / max(bone - soft, 1e-3), 0.0, 1.0)
-    depth = flank - g  # how much darker the line is than its weaker flank
-    score = np.clip(valley, 0, None) * flank_w * (depth > 0)
-    line = max(3, int(round(LINE_WIDTH_MM / mx)))
-    smooth = ndimage.uniform_filter1d(score, line, axis=1, mode="constant")
-    # ignore a margin where the flank windows leave the image
-    margin_y = max(2, int(round(FLANK_NEAR_MM / my)) + 1)
-    smooth[:margin_y] = 0
-    smooth[h - margin_y:] = 0
-    iy, ix = np.unravel_index(int(np.argmax(smooth)), smooth.shape)
-    peak = float(smooth[iy, ix])
-    if peak <= 0:
-        return {"x": w / 2, "y": h / 2, "conf": 0.0, "width": float("nan"), "depth": 0.0, "dom": 0.0,
-                "reason": "no joint-space-like line found"}
-    # The joint line's extent: per column the best gap score within +-ROW_TOL_MM of the peak row
-    # (the compartments need not be level: tilt, narrowing), kept where it stays above a fraction
-    # of the peak, bridging the tibial spines / notch (up to ~20 mm without a gap).
-    rb = max(1, int(round(ROW_TOL_MM / my)))
-    rows = slice(max(0, iy - rb), min(h, iy + rb + 1))
-    prof = ndimage.uniform_filter1d(score[rows].max(axis=0), max(3, int(round(3.0 / mx))), mode="constant")
-    thr = 0.2 * float(prof[max(0, ix - line // 2): ix + line // 2 + 1].max())
-    above_thr = prof > thr
-    bridge = max(1, int(round(20.0 / mx)))
-    closed = ndimage.binary_closing(above_thr, structure=np.ones(bridge, bool)) | above_thr
-    lab, _ = ndimage.label(closed)
-    seed = ix if lab[ix] else int(np.argmax(prof))
-    run = np.flatnonzero(lab == lab[seed]) if lab[seed] else np.array([ix])
-    x0, x1 = float(run[0]), float(run[-1])
-    cx = 0.5 * (x0 + x1)  # midway between the medial and lateral margins of the joint line
-    width = x1 - x0 + 1
-    # The gap fades where a compartment is narrowed and extends along osteophytes, so average
-    # its midpoint with that of the femoral condyles' margins just above it (the bicondylar
-    # width, which joint-space narrowing does not change).
-    fem = _femoral_margins(g, iy, x0, x1, my, mx)
-    if fem is not None:
-        cx = 0.5 * (cx + 0.5 * (fem[0] + fem[1]))
-        width = max(width, fem[1] - fem[0])  # a narrowed compartment shortens the gap, not the bone
-    depth_cols = depth[rows, run[0]: run[-1] + 1].max(axis=0)
-    # Sub-pixel row: parabola through the joint columns' score profile at the peak.
-    colprof = smooth[:, run[0]: run[-1] + 1].mean(axis=1)
-    cy = float(iy)
-    if 0 < iy < h - 1:
-        a, b, c = colprof[iy - 1], colprof[iy], colprof[iy + 1]
-        den = a - 2 * b + c
-        if den < 0:
-            cy = iy + float(np.clip(0.5 * (a - c) / den, -0.5, 0.5))
-    # Dominance: the best competing line at least ~15 mm above or below, within the knee's columns.
-    excl = max(2, int(round(15.0 / my)))
-    window = slice(max(0, iy - excl), iy + excl + 1)
-    main = float(colprof[window].max())
-    other = colprof.copy()
-    other[window] = 0
-    dom = 1.0 - float(other.max()) / max(main, 1e-9)
-    gap_depth = float(np.median(depth_cols)) / max(bone - soft, 1e-3)
-    # A joint space runs nearly unbroken from margin to margin; noise and texture give patches.
-    coverage = float(above_thr[run[0]: run[-1] + 1].mean())
-    # ... with bone above and below along most of it
-    flank_bone = float(np.median(flank_w[rows, run[0]: run[-1] + 1].max(axis=0)))
-    conf = (float(np.clip((dom - 0.5) / 0.35, 0, 1)) * float(np.clip(gap_depth / 0.15, 0, 1))
-            * float(np.clip((coverage - 0.3) / 0.4, 0, 1)) * float(np.clip(flank_bone / 0.6, 0, 1)))
-    return {"x": cx, "y": cy, "conf": conf, "width": width, "depth": gap_depth, "dom": dom,
-            "coverage": coverage, "flank": flank_bone, "x0": x0, "x1": x1, "reason": ""}
+    best = (h // 2, w // 2, GAP_SIGMAS[0], 0.0, 0.0)
+    for sig in GAP_SIGMAS:
+        if 8 * sig > h / 2:
+            break
+        valley = ndimage.gaussian_filter(g, (sig, 0.7), order=(2, 0), mode="nearest")
+        valley *= sig * sig
+        near, far = int(round(2 * sig)), int(round(6 * sig))
+        band = ndimage.uniform_filter1d(g, far - near + 1, axis=0, mode="nearest")
+        sh = (far + near) // 2
+        above = np.empty_like(band)
+        below = np.empty_like(band)
+        above[sh:], above[:sh] = band[:-sh], band[:1]
+        below[:-sh], below[-sh:] = band[sh:], band[-1:]
+        depth = np.minimum(above, below) - g  # darker than both flanks = a gap between bones
+        score = np.clip(valley, 0, None) * np.clip(depth, 0, None)
+        score[:sh] = 0
+        score[h - sh:] = 0
+        line = ndimage.uniform_filter1d(score, max(3, w // 4), axis=1, mode="constant")
+        iy, ix = np.unravel_index(int(np.argmax(line)), line.shape)
+        if line[iy, ix] > best[3]:  # only the best scale's dominance is returned: skip the others'
+            best = (int(iy), int(ix), sig, float(line[iy, ix]), _dominance(line, iy, ix, sh, far))
+    return best
 
 
-def _femoral_margins(g: np.ndarray, iy: int, x0: float, x1: float, my: float,
-                     mx: float) -> tuple[float, float] | None:
-    """Outer margins (work px) of the femoral condyles 4-10 mm above the gap at row ``iy``: the
-    outermost columns brighter than midway between bone and the soft tissue beside the joint."""
+def _dominance(line: np.ndarray, iy: int, ix: int, sh: int, far: int) -> float:
+    """How far the joint line stands out from the typical row (noise or texture does not).
+    Rows within the filter's reach of the line are its own tails, not competitors: in a short
+    frame (a wide 1.85:1 crop) they would be most rows and hide a clear line."""
+    h = line.shape[0]
+    rows = line.max(axis=1)
+    others = np.concatenate([rows[sh: max(sh, iy - far)], rows[min(h - sh, iy + far + 1): h - sh]])
+    if len(others) < 8:
+        others = rows[sh: h - sh]
+    return float(line[iy, ix]) / max(float(np.percentile(others, 75)), 1e-9)
+
+
+def _band_gradient(g: np.ndarray, r0: int, r1: int) -> tuple[np.ndarray, float]:
+    """Horizontal intensity gradient of rows r0:r1 (averaged) and the band's bone/soft contrast:
+    made once per band, searched for edges on both centring passes."""
+    prof = ndimage.gaussian_filter1d(g[r0:r1].mean(axis=0), 1.0, mode="nearest")
+    lo, hi = np.percentile(prof, (5, 95))
+    return np.gradient(prof), max(float(hi - lo), 1e-3)
+
+
+def _bone_edges(grad: np.ndarray, contrast: float, cx: float) -> tuple[float, float, float, float]:
+    """Outer bone edges of a band (``_band_gradient``): (left x, right x, left strength, right
+    strength), strengths relative to the band's bone/soft contrast."""
+    c = int(np.clip(round(cx), 2, len(grad) - 3))
+    left = int(np.argmax(grad[:c]))
+    right = c + int(np.argmin(grad[c:]))
+    # a step of the edge's size spread over ~3 px: strength ~ 3 * gradient / contrast
+    return float(left), float(right), 3 * float(grad[left]) / contrast, -3 * float(grad[right]) / contrast
+
+
+def locate_knee(img: np.ndarray, centre_on_both_bands: bool = False, film: bool = False) -> _Joint:
+    """Joint centre and plateau width (input px) of one knee of unknown framing. The centre is the
+    plateau's midpoint, or (``centre_on_both_bands``: the closer look) the mean of the plateau's
+    and the condyles' midpoints, which an osteophyte on one band moves half as far. ``film``: see
+    ``_work``."""
+    g, f = _work(np.asarray(img, np.float32), film)
+    g = ndimage.gaussian_filter(g, 0.7, mode="nearest")
     h, w = g.shape
-    r0, r1 = iy - int(round(10.0 / my)), iy - int(round(4.0 / my)) + 1
-    pad = int(round(25.0 / mx))
-    a, b = max(0, int(x0) - pad), min(w, int(x1) + pad + 1)
-    if r0 < 0 or r1 <= r0 or b - a < 5:
-        return None
-    p = g[r0:r1, a:b].mean(axis=0)
-    i0, i1 = int(x0) - a, int(x1) - a
-    outside = np.concatenate([p[:max(i0, 1)], p[i1 + 1:]])
-    bone, soft = float(np.percentile(p[i0: i1 + 1], 90)), float(np.median(outside))
-    if bone <= soft:
-        return None
-    above = np.flatnonzero(p > 0.5 * (soft + bone))
-    if len(above) < 2:
-        return None
-    return a + above[0] - 0.5, a + above[-1] + 0.5
+    iy, ix, sig, score, dom = _joint_line(g)
+    if score < MIN_GAP_SCORE and not (score >= MIN_FAINT_GAP_SCORE and dom >= MIN_FAINT_DOMINANCE):
+        return _Joint(w / 2 / f, h / 2 / f, float("nan"), score,
+                      f"no joint-space-like band found (score {score:.4f} < {MIN_GAP_SCORE})")
+    if dom < MIN_DOMINANCE:
+        return _Joint(w / 2 / f, h / 2 / f, float("nan"), score,
+                      f"no dominant joint line (it beats the typical row only {dom:.1f}x < {MIN_DOMINANCE})")
+    d0, d1 = int(round(3 * sig)), max(int(round(3 * sig)) + 3, int(round(9 * sig)))
+    bands = [(iy + d0, min(h, iy + d1)), (max(0, iy - d1), iy - d0)]  # plateau, condyles
+    cx = w / 2
+    edges = []
+    profiles = [_band_gradient(g, a, b) for a, b in bands if b - a >= 2]
+    for _ in range(2):  # the centre from the first pass splits the search for the second
+        edges = [_bone_edges(grad, contrast, cx) for grad, contrast in profiles]
+        if not edges:
+            break
+        lx = float(np.mean([e[0] for e in edges]))
+        rx = float(np.mean([e[1] for e in edges]))
+        cx = 0.5 * (lx + rx)
+    if not edges:
+        return _Joint(w / 2 / f, (iy + 0.5) / f - 0.5, float("nan"), score, "joint line too close to the frame")
+    el, er, sl, sr = edges[0]  # the plateau band decides; the condyles only helped centring
+    border = BORDER_FRAC * w
+    cut_l = el <= border or sl < MIN_EDGE
+    cut_r = er >= w - 1 - border or sr < MIN_EDGE
+    truncated = "both" if cut_l and cut_r else "left" if cut_l else "right" if cut_r else ""
+    if truncated:
+        # The knee runs off the frame: centre on the intercondylar notch (the dip between the
+        # condyles just above the line); the visible bone gives a lower bound on the width.
+        lo = el if not cut_l else 0.0
+        hi = er if not cut_r else w - 1.0
+        notch = _notch(g, bands[1], lo, hi)
+        half = max(notch - lo, hi - notch)
+        width = max(2 * half, hi - lo)
+        if truncated == "both":
+            width = max(width, w - 1.0)
+        x = notch
+    else:
+        width = er - el
+        x = cx if centre_on_both_bands else 0.5 * (el + er)
+    reason = ""
+    if not truncated and not (WIDTH_RANGE[0] * w <= width <= WIDTH_RANGE[1] * w):
+        reason = f"plateau width {width / w:.2f} of the image is not a knee's"
+    return _Joint(x=(x + 0.5) / f - 0.5, y=(iy + 0.5) / f - 0.5, width=width / f, score=score,
+                  reason=reason, truncated=truncated, dominance=dom)
 
 
-def _finish(res: dict, fy: int, fx: int, wy: float, wx: float, spacing, estimated: bool,
-            min_confidence: float, offset_x: int = 0) -> JointLocation:
-    x = _to_input(res["x"], fx) + offset_x
-    y = _to_input(res["y"], fy)
-    width_px = res["width"] * fx
-    width_mm = res["width"] * wx
-    reason = res["reason"]
-    conf = res["conf"]
-    if not reason and not estimated and not (KNEE_WIDTH_MM[0] <= width_mm <= KNEE_WIDTH_MM[1]):
-        reason = f"joint line {width_mm:.0f} mm wide, not a knee ({KNEE_WIDTH_MM[0]:.0f}-{KNEE_WIDTH_MM[1]:.0f} mm)"
-        conf *= 0.5
-    if not reason and conf < min_confidence:
-        reason = (f"low confidence {conf:.2f} < {min_confidence:.2f} (gap depth {res['depth']:.2f}, "
-                  f"dominance {res['dom']:.2f})")
-    sp = spacing
-    if estimated and math.isfinite(width_px) and width_px > 0:
-        sp = TYPICAL_KNEE_WIDTH_MM / width_px
-    return JointLocation(x=float(x), y=float(y), confidence=float(conf), ok=not reason,
-                         width_px=float(width_px), spacing_mm=sp, spacing_estimated=estimated,
-                         gap_depth=float(res["depth"]), dominance=float(res["dom"]), reason=reason)
+def _notch(g: np.ndarray, band: tuple[int, int], lo: float, hi: float) -> float:
+    """Column of the intercondylar notch: the darkest point of the condyle band in the middle
+    40% of the visible bone [lo, hi]."""
+    a, b = band
+    if b - a < 2:
+        return 0.5 * (lo + hi)
+    prof = ndimage.gaussian_filter1d(g[a:b].mean(axis=0), 2.0, mode="nearest")
+    i0, i1 = int(lo + 0.3 * (hi - lo)), int(math.ceil(hi - 0.3 * (hi - lo)))
+    if i1 <= i0 + 1:
+        return 0.5 * (lo + hi)
+    return float(i0 + int(np.argmin(prof[i0:i1])))
 
 
-def locate_joint(img: np.ndarray, spacing_mm=None, min_confidence: float = MIN_CONFIDENCE,
-                 work_mm: float = WORK_MM) -> JointLocation:
-    """Locate the joint of one knee in a 2-D image (bone bright, any framing).
+def is_bilateral(img: np.ndarray) -> bool:
+    """A film with two legs side by side: a dark column band between two bright ones."""
+    h, w = img.shape
+    if w < 1.1 * h:  # OAI films are ~2560 x 2000
+        return False
+    g, _ = _work(np.asarray(img, np.float32))
+    gh, gw = g.shape
+    col = ndimage.gaussian_filter1d(g[int(0.2 * gh): int(0.8 * gh)].mean(axis=0), max(1.0, gw / 60))
+    left, right = col[int(0.05 * gw): int(0.45 * gw)].max(), col[int(0.55 * gw): int(0.95 * gw)].max()
+    valley = col[int(0.35 * gw): int(0.65 * gw)].min()
+    lo, spread = float(col.min()), max(float(col.max() - col.min()), 1e-6)
+    # two bright legs and, between them, a gap nearly as dark as the darkest column (air)
+    return bool(min(left, right) - valley > 0.5 * spread and valley - lo < 0.3 * spread)
 
-    ``spacing_mm``: mm/px (float or (row, col)); when None several fields of view are tried and
-    the most confident wins; the returned ``spacing_mm`` is then estimated from the joint width.
+
+def _closer_look(img: np.ndarray, j: _Joint, spacing_known: bool) -> _Joint:
+    """``j`` again on a sub-image a few plateau widths wide around it (a knee small in a large
+    frame is located coarsely on the whole frame's work copy); see CLOSER_LOOK_MM."""
+    side = (CLOSER_LOOK_MM if spacing_known else CLOSER_LOOK_BLIND) * j.width
+    x0 = int(max(0, round(j.x - side / 2)))
+    y0 = int(max(0, round(j.y - side / 2)))
+    sub = img[y0: int(round(j.y + side / 2)) + 1, x0: int(round(j.x + side / 2)) + 1]
+    if min(sub.shape) < 32:
+        return j
+    j2 = locate_knee(sub, centre_on_both_bands=spacing_known, film=spacing_known)
+    if j2.reason:
+        return j
+    j2.x += x0
+    j2.y += y0
+    return j2
+
+
+def locate_joint(img: np.ndarray, spacing_mm=None, min_confidence: float = 0.0) -> JointLocation:
+    """Locate the joint of one knee (bone bright, right-knee orientation, any framing).
+
+    ``spacing_mm`` (float or (row, col) mm/px, square pixels assumed as the view does): with it a
+    joint that is not knee-sized is noted (``note``); without it the spacing is estimated from the
+    plateau width. ``min_confidence``: below it the knee is not located (the view takes any joint
+    line that stands out; prepare oai asks for ``MIN_CONFIDENCE``).
     """
     img = _as_2d(img)
+    h, w = img.shape
     pair = _spacing_pair(spacing_mm)
-    if pair is not None:
-        small, fy, fx, wy, wx = _work_image(img, pair[0], pair[1], work_mm)
-        res = _locate_work(small, wy, wx)
-        return _finish(res, fy, fx, wy, wx, float(np.mean(pair)), False, min_confidence)
-    best = None
-    for fov in UNKNOWN_FOV_MM:
-        s = fov / max(img.shape)
-        small, fy, fx, wy, wx = _work_image(img, s, s, max(work_mm, s))
-        res = _locate_work(small, wy, wx)
-        width_mm = res["width"] * wx
-        if not (KNEE_WIDTH_MM[0] <= width_mm <= KNEE_WIDTH_MM[1]):
-            res["conf"] *= 0.5  # an assumed scale under which the joint is not knee-sized
-        if best is None or res["conf"] > best[0]["conf"]:
-            best = (res, fy, fx, wy, wx)
-    res, fy, fx, wy, wx = best
-    return _finish(res, fy, fx, wy, wx, None, True, min_confidence)
+    j = locate_knee(img, film=pair is not None)
+    # With a spacing every knee takes the closer look, however it is framed: a film and the crop
+    # prepare oai cuts from it are then centred by the same steps.
+    if not j.reason and (pair is not None or j.width < SMALL_IN_FRAME * max(h, w)):
+        j = _closer_look(img, j, pair is not None)
+    conf = float(np.clip(1.0 - MIN_DOMINANCE / j.dominance, 0.0, 1.0)) if j.dominance > 0 else 0.0
+    reason = j.reason or (f"low confidence {conf:.2f} < {min_confidence:.2f} (joint line {j.dominance:.1f}x "
+                          f"the typical row)" if conf < min_confidence else "")
+    note = f"knee extends beyond the {j.truncated} edge(s) of the frame: its width is a lower bound" \
+        if j.truncated else ""
+    spacing, estimated = (float(np.mean(pair)) if pair else None), pair is None
+    if pair is None and not reason and math.isfinite(j.width) and j.width > 0:
+        spacing = TYPICAL_KNEE_WIDTH_MM / j.width
+    elif pair is not None and not reason and not j.truncated:
+        width_mm = j.width * pair[1]
+        if not KNEE_WIDTH_MM[0] <= width_mm <= KNEE_WIDTH_MM[1]:
+            note = f"joint {width_mm:.0f} mm wide at {spacing_mm} mm/px: spacing or localisation doubtful"
+    return JointLocation(x=float(j.x), y=float(j.y), confidence=conf, ok=not reason, width_px=float(j.width),
+                         spacing_mm=spacing, spacing_estimated=estimated and spacing is not None,
+                         dominance=float(j.dominance), truncated=j.truncated, reason=reason, note=note)
+
+
+def leg_half(img: np.ndarray, side: str, cut: int) -> tuple[np.ndarray, int]:
+    """One leg of a bilateral film split at column ``cut``, in the right knee's orientation (a left
+    leg mirrored), contiguous, and the film column where it starts."""
+    a, b = (0, cut) if side == "R" else (cut, img.shape[1])
+    part = img[:, a:b] if side == "R" else img[:, a:b][:, ::-1]
+    return np.ascontiguousarray(part), a  # copied once here, not again by each step that reads it
+
+
+def locate_factor(spacing_mm, shape: tuple[int, int], min_side: int = 32) -> int:
+    """Integer area-reduction factor that brings a film to about ``LOCATE_MM`` (1: none; also
+    without a spacing, and never below ``min_side`` px)."""
+    pair = _spacing_pair(spacing_mm)
+    if pair is None:
+        return 1
+    return max(1, min(int(LOCATE_MM / max(pair)), min(shape[:2]) // min_side))
+
+
+def area_reduce(img: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor`` x ``factor`` blocks (OpenCV's area resize; a partial last block is cut)."""
+    import cv2
+
+    if factor < 2:
+        return img
+    h, w = img.shape[0] // factor, img.shape[1] // factor
+    return cv2.resize(np.ascontiguousarray(img[: h * factor, : w * factor], np.float32), (w, h),
+                      interpolation=cv2.INTER_AREA)
+
+
+def locate_bilateral(img: np.ndarray, spacing_mm=None,
+                     min_confidence: float = MIN_CONFIDENCE) -> dict[str, JointLocation]:
+    """Both joints of a bilateral PA film: {'R': ..., 'L': ...} in the film's pixels, each located
+    as the view locates it (reduced by ``locate_factor``, then ``leg_half`` + ``locate_joint``).
+    With a spacing, a joint that is not knee-sized is not located: a crop of fixed size in mm
+    around it would not hold a knee."""
+    img = _as_2d(img)
+    f = locate_factor(spacing_mm, img.shape)
+    pair = _spacing_pair(spacing_mm)
+    img, spacing_mm = area_reduce(img, f), (None if pair is None else (pair[0] * f, pair[1] * f))
+    cut = split_legs(img, spacing_mm)
+    out = {}
+    for side in ("R", "L"):
+        part, a = leg_half(img, side, cut)
+        if part.shape[1] < 16:
+            out[side] = JointLocation(x=float("nan"), y=float("nan"), confidence=0.0, ok=False,
+                                      reason="no room for a knee on this side of the film")
+            continue
+        loc = locate_joint(part, spacing_mm, min_confidence)
+        loc.x = _to_input(a + (loc.x if side == "R" else part.shape[1] - 1 - loc.x), f)
+        loc.y, loc.width_px = _to_input(loc.y, f), loc.width_px * f
+        loc.spacing_mm = None if pair is None else float(np.mean(pair))
+        if loc.ok and "mm wide" in loc.note:
+            loc.ok, loc.reason, loc.note = False, loc.note.replace(": spacing or localisation doubtful", ", not a knee"), ""
+        out[side] = loc
+    return out
 
 
 def _split_work(small: np.ndarray, wx: float) -> int:
@@ -315,36 +465,6 @@ def split_legs(img: np.ndarray, spacing_mm=None, work_mm: float = WORK_MM) -> in
     pair = _spacing_pair(spacing_mm) or (0.15, 0.15)
     small, fy, fx, wy, wx = _work_image(img, pair[0], pair[1], work_mm)
     return int(round(_to_input(_split_work(small, wx), fx)))
-
-
-def locate_bilateral(img: np.ndarray, spacing_mm=None, min_confidence: float = MIN_CONFIDENCE,
-                     work_mm: float = WORK_MM) -> dict[str, JointLocation]:
-    """Both joints of a bilateral PA film: {'R': ..., 'L': ...} in full-image pixels.
-
-    The patient's right knee is on the image's left (PA projection). Without spacing a typical
-    0.15 mm/px detector is assumed for the split and each half is located scale-free.
-    """
-    img = _as_2d(img)
-    pair = _spacing_pair(spacing_mm)
-    small, fy, fx, wy, wx = _work_image(img, *(pair or (0.15, 0.15)), work_mm)
-    js = _split_work(small, wx)
-    out = {}
-    for side, (a, b) in (("R", (0, js)), ("L", (js, small.shape[1]))):
-        if b - a < 16:
-            out[side] = JointLocation(x=float("nan"), y=float("nan"), confidence=0.0, ok=False,
-                                      reason="no room for a knee on this side of the film")
-            continue
-        if pair is not None:
-            res = _locate_work(small[:, a:b], wy, wx)
-            res["x"] += a
-            out[side] = _finish(res, fy, fx, wy, wx, float(np.mean(pair)), False, min_confidence)
-        else:
-            # work column j covers input columns [j * fx, (j + 1) * fx)
-            x0, x1 = a * fx, (img.shape[1] if b == small.shape[1] else b * fx)
-            loc = locate_joint(img[:, x0:x1], None, min_confidence, work_mm)
-            loc.x += x0
-            out[side] = loc
-    return out
 
 
 def _as_2d(img: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ import concurrent.futures
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,11 +61,18 @@ def square_view(img: np.ndarray, size: int, spacing_mm=None) -> np.ndarray:
     return make_view(img, size, spacing_mm=spacing_mm)[0]
 
 
-def read_film(path: str | Path, display: str | None = None) -> tuple[np.ndarray, object, str]:
-    """(2-D float image, pixel spacing or None, laterality 'R'/'L'/'') of an image file; ViewError
+class Film(NamedTuple):
+    pixels: np.ndarray  # 2-D float [0, 1]
+    spacing: object  # mm/px (float or (row, col)) or None
+    laterality: str  # 'R', 'L' or ''
+    joint: tuple[float, float] | None = None  # the joint centre a prepared crop states (px)
+
+
+def read_film(path: str | Path, display: str | None = None) -> Film:
+    """An image file's pixels, spacing, laterality and stated joint (see ``Film``); ViewError
     naming ``display`` (default: the path) when it cannot be read."""
     from klgrade.ingest.dicom import DicomError, radiograph_from_dataset, read_dataset
-    from klgrade.ingest.images import ImageReadError, is_dicom, read_image
+    from klgrade.ingest.images import ImageReadError, is_dicom, read_image_stated
 
     path = Path(path)
     name = display or str(path)
@@ -76,8 +84,9 @@ def read_film(path: str | Path, display: str | None = None) -> tuple[np.ndarray,
             rad = radiograph_from_dataset(ds, name)
             # Laterality is technical (which knee), not identifying; nothing else is read.
             lat = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")).strip().upper()
-            return rad.pixels, rad.spacing_mm, lat if lat in ("R", "L") else ""
-        return read_image(path), None, ""
+            return Film(rad.pixels, rad.spacing_mm, lat if lat in ("R", "L") else "")
+        pixels, spacing, joint = read_image_stated(path)  # a prepared crop states spacing and joint
+        return Film(pixels, spacing, "", joint)
     except (DicomError, ImageReadError) as e:
         raise ViewError(_rename(str(e), path, name)) from e
     except (OSError, ValueError) as e:
@@ -94,9 +103,11 @@ def film_knees(path: str | Path, size: int, display: str | None = None,
     """
     import cv2
 
-    img, spacing, laterality = read_film(path, display)
+    img, spacing, laterality, joint = read_film(path, display)
     try:
         img, spacing, factor = reduce_for_view(img, spacing, size)
+        if joint is not None:  # stated in the file's pixels: in the reduced image's
+            joint = ((joint[0] + 0.5) / factor - 0.5, (joint[1] + 0.5) / factor - 0.5)
         if is_bilateral(img):
             from klgrade.ingest.roi import split_legs
 
@@ -108,7 +119,7 @@ def film_knees(path: str | Path, size: int, display: str | None = None,
         side = laterality or "U"
         if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
             img = np.ascontiguousarray(img[:, ::-1])
-        return "unilateral", [_knee(img, spacing, side, size, factor)]
+        return "unilateral", [_knee(img, spacing, side, size, factor, joint=joint)]
     except (ValueError, ArithmeticError, IndexError, cv2.error) as e:  # degenerate images (flat, tiny)
         raise ViewError(f"{display or path}: cannot make a knee view ({type(e).__name__}: {e})") from e
 
@@ -135,26 +146,20 @@ def reduce_for_view(img: np.ndarray, spacing, img_size: int) -> tuple[np.ndarray
 
     An OAI film has 0.14 mm pixels; a 224-px view of the canonical ~94 mm field has 0.42 mm ones,
     so locating and cropping at full resolution costs more than the model's forward pass, for
-    nothing. Reducing by an integer factor that keeps the film at least ``VIEW_OVERSAMPLE`` x finer
-    than the model view leaves the view the same up to resampling noise (tests check it) at a
-    fraction of the cost. Films without spacing are left alone.
+    nothing. The factor is ingest's ``locate_factor`` (so the view locates the very array prepare
+    oai located), lowered when a large view needs finer pixels (``VIEW_OVERSAMPLE`` x finer than
+    the view's). Films without spacing are left alone.
     """
-    import cv2
-
     from klgrade.ingest.images import MIN_SIDE
+    from klgrade.ingest.roi import area_reduce, locate_factor
 
     if spacing is None:
         return img, spacing, 1
     sy, sx = (float(spacing), float(spacing)) if np.isscalar(spacing) else (float(spacing[0]), float(spacing[1]))
-    factor = int(FOV_MM / img_size / (VIEW_OVERSAMPLE * max(sy, sx)))
-    # never below the smallest usable image (a tiny film with a fine spacing would reduce to 0 px)
-    factor = min(factor, min(img.shape[:2]) // MIN_SIDE)
+    factor = min(locate_factor((sy, sx), img.shape, MIN_SIDE), int(FOV_MM / img_size / (VIEW_OVERSAMPLE * max(sy, sx))))
     if factor < 2:
         return img, spacing, 1
-    h, w = img.shape[0] // factor, img.shape[1] // factor
-    small = cv2.resize(np.ascontiguousarray(img[: h * factor, : w * factor], np.float32), (w, h),
-                       interpolation=cv2.INTER_AREA)
-    return small, (sy * factor, sx * factor), factor
+    return area_reduce(img, factor), (sy * factor, sx * factor), factor
 
 
 _POOL: concurrent.futures.ThreadPoolExecutor | None = None
@@ -175,12 +180,15 @@ def _rename(msg: str, path: Path, name: str) -> str:
     return msg.replace(str(path), name) if name != str(path) else msg
 
 
-def _knee(img: np.ndarray, spacing, side: str, size: int, factor: int = 1, cut: int | None = None) -> Knee:
+def _knee(img: np.ndarray, spacing, side: str, size: int, factor: int = 1, cut: int | None = None,
+          joint: tuple[float, float] | None = None) -> Knee:
     """The view of one knee of ``img`` (reduced ``factor`` x from the film: the reported centre is
-    in the film's own pixels); ``cut``: where a bilateral film splits (None: not bilateral)."""
+    in the film's own pixels); ``cut``: where a bilateral film splits (None: not bilateral);
+    ``joint``: a centre the file states (a prepared crop), used instead of locating it again."""
     bilateral = cut is not None
     view_side = side if bilateral else None
-    view, info = make_view(img, size, spacing_mm=spacing, side=view_side, bilateral=bilateral, legs_cut=cut)
+    view, info = make_view(img, size, spacing_mm=spacing, side=view_side, bilateral=bilateral, legs_cut=cut,
+                           joint=joint)
     cx, cy = info.centre
     if not bilateral and side == "L":  # report the centre in the film's own coordinates
         cx = img.shape[1] - 1 - cx
