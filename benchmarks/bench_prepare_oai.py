@@ -43,9 +43,10 @@ def build_tree(data: Path, patients: int, visits: tuple[int, ...]) -> pd.DataFra
 
 
 def stage_times(data: Path, truth: pd.DataFrame, n: int = 12) -> dict:
+    from klgrade.ingest.crop import crop_square, to_uint16
     from klgrade.ingest.dicom import read_radiograph
     from klgrade.ingest.oai import write_png16
-    from klgrade.ingest.roi import crop_square, locate_bilateral, to_uint16
+    from klgrade.ingest.roi import locate_bilateral
 
     paths = list(dict.fromkeys(truth["path"]))[:n]
     t_read = t_loc = t_crop = cpu = 0.0

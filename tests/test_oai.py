@@ -209,8 +209,8 @@ def test_left_knees_are_flipped(tree, prepared):
     """On the film the right knee has its fibula on the image's left and the left knee is its
     mirror; the stored crops are the film cut around the joint, mirrored for left knees only, so
     every crop shows the lateral side on the left."""
+    from klgrade.ingest.crop import crop_square, to_uint16
     from klgrade.ingest.dicom import read_radiograph
-    from klgrade.ingest.roi import crop_square, to_uint16
 
     m = read_manifest(prepared["out"])
     for side in "RL":

@@ -1,9 +1,10 @@
-"""klgrade.ingest.roi: the one knee locator (ingest and view) and the square crop."""
+"""klgrade.ingest.roi: the one knee locator (ingest and view); klgrade.ingest.crop: the square crop."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from klgrade.ingest import crop as crops
 from klgrade.ingest import roi
 from klgrade.synthetic import render_bilateral, render_knee
 
@@ -93,19 +94,19 @@ def test_crop_square_geometry_flip_and_padding():
     img = np.zeros((300, 400), np.float32)
     img[148:153, 98:103] = 1.0  # a 5x5 dot centred at (x=100, y=150)
     img[150, 130] = 1.0  # a marker 30 px to the right
-    crop = roi.crop_square(img, (100, 150), fov_mm=20.0, spacing_mm=0.2, out_px=50)  # 100 px → 50
+    crop = crops.crop_square(img, (100, 150), fov_mm=20.0, spacing_mm=0.2, out_px=50)  # 100 px → 50
     assert crop.shape == (50, 50) and crop.dtype == np.float32
     yy, xx = np.unravel_index(np.argmax(crop), crop.shape)
     assert abs(yy - 24.5) <= 1 and abs(xx - 24.5) <= 1
     assert crop[24:26, 38:41].max() > 0  # the marker, 30 px → 15 px right of centre
-    flipped = roi.crop_square(img, (100, 150), 20.0, 0.2, 50, flip=True)
+    flipped = crops.crop_square(img, (100, 150), 20.0, 0.2, 50, flip=True)
     np.testing.assert_array_equal(flipped, crop[:, ::-1])
     assert flipped[24:26, 9:12].max() > 0  # the marker is now on the left
     # a crop reaching past the image edge is filled, not shifted
-    edge = roi.crop_square(img + 0.5, (0, 0), 20.0, 0.2, 50, fill=0.0)
+    edge = crops.crop_square(img + 0.5, (0, 0), 20.0, 0.2, 50, fill=0.0)
     assert edge[:20, :20].max() == 0.0 and edge[30:, 30:].min() > 0.4
     # non-square pixels: (row, col) spacing gives a square field of view in mm
-    tall = roi.crop_square(img, (100, 150), 20.0, (0.1, 0.2), 50)
+    tall = crops.crop_square(img, (100, 150), 20.0, (0.1, 0.2), 50)
     yy, xx = np.unravel_index(np.argmax(tall), tall.shape)
     assert abs(yy - 24.5) <= 1 and abs(xx - 24.5) <= 1
 
@@ -113,9 +114,9 @@ def test_crop_square_geometry_flip_and_padding():
 def test_to_uint16_uses_full_range():
     rng = np.random.default_rng(0)
     crop = rng.random((64, 64)).astype(np.float32) * 0.2 + 0.3
-    out = roi.to_uint16(crop)
+    out = crops.to_uint16(crop)
     assert out.dtype == np.uint16 and out.min() == 0 and out.max() == 65535
-    assert not roi.to_uint16(np.zeros((8, 8), np.float32)).any()
+    assert not crops.to_uint16(np.zeros((8, 8), np.float32)).any()
 
 
 @pytest.mark.parametrize("shape, n_films", [((2000, 2560), 8), ((1000, 1280), 15)])

@@ -92,8 +92,9 @@ def process_series(task: dict) -> dict:
     Returns a record {rel, params, sides: {side: {'crop': {...}} | {'reject': reason}}}; never
     raises for a bad image (the reason goes into the record), so one file cannot stop a batch.
     """
+    from klgrade.ingest.crop import crop_square, to_uint16
     from klgrade.ingest.dicom import DicomError, read_radiograph
-    from klgrade.ingest.roi import crop_square, locate_bilateral, to_uint16
+    from klgrade.ingest.roi import locate_bilateral
 
     params = CropParams(**task["params"])
     rec = {"rel": task["rel"], "params": params.tag(), "sides": {}}
