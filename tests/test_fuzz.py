@@ -92,6 +92,37 @@ def test_grader_grades_or_names_the_reason(grader, work, data):
     assert res["knees"] and all(k.get("klg") in (0, 1, 2, 3, 4) or k.get("error") for k in res["knees"])
 
 
+_NUMBERS = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers(-10**6, 10**6).map(str))
+_CHUNK = st.one_of(st.none(), _NUMBERS, st.text(max_size=40),
+                   st.tuples(_NUMBERS, _NUMBERS).map(",".join), st.lists(_NUMBERS, max_size=4).map(",".join))
+
+
+@_scaled(3)
+@given(spacing=_CHUNK, joint=_CHUNK)
+def test_a_crops_stated_spacing_and_joint_give_a_view_or_a_clear_error(work, spacing, joint):
+    """Prepared crops state their spacing and joint centre in PNG text (issue 15): whatever text a
+    file carries there, the view is made (from a valid statement) or refused in one line naming the file."""
+    import numpy as np
+    from PIL import Image, PngImagePlugin
+
+    from klgrade.ingest.images import JOINT_KEY, SPACING_KEY
+    from klgrade.view.entrance import ViewError, film_knees
+
+    info = PngImagePlugin.PngInfo()
+    for key, value in ((SPACING_KEY, spacing), (JOINT_KEY, joint)):
+        if value is not None:
+            info.add_itxt(key, value)
+    path = work / "chunk.png"
+    ramp = (np.linspace(0, 60000, 96 * 96).reshape(96, 96)).astype(np.uint16)
+    Image.fromarray(ramp).save(path, pnginfo=info)
+    try:
+        _, knees = film_knees(path, 64)
+    except ViewError as e:
+        assert str(path) in str(e) and "\n" not in str(e)
+        return
+    assert knees[0].view.shape == (64, 64)
+
+
 @pytest.fixture(scope="module")
 def client(grader):
     from fastapi.testclient import TestClient

@@ -1,7 +1,7 @@
 """Minimum joint space width (JSW) per compartment, from a radiograph and its joint geometry.
 
-The canonical view's joint locator (``klgrade.view.canonical``) gives the joint centre, the joint
-line and the tibial plateau width. Around them a region of interest is resampled so the plateau
+The knee locator (``klgrade.ingest.roi``, through the canonical view) gives the joint centre,
+the joint line and the tibial plateau width. Around them a region of interest is resampled so the plateau
 spans ``WORK_W`` px; there, per compartment:
 
 1. the joint space is the darkest connected path across the compartment (a minimum-cost path,
