@@ -1,4 +1,4 @@
-"""The knee locator (ingest and the model's view share it) and the square crop around a joint.
+"""The knee locator: ingest (prepare oai) and the model's view (klgrade.view.canonical) share it.
 
 Classical, no learned weights; it relies on what every PA knee radiograph shows (bone bright):
 
@@ -18,7 +18,10 @@ Classical, no learned weights; it relies on what every PA knee radiograph shows 
 
 ``locate_joint`` takes one knee of any framing (spacing optional), ``locate_bilateral`` a
 bilateral film (prepare oai), and ``klgrade.view.canonical`` frames its views on the same
-``locate_joint``: a prepared crop and the film it came from are centred by the same code.
+``locate_joint``. Both entrances locate a film reduced to about ``LOCATE_MM`` by the same integer
+factor (``locate_factor``), so prepare oai and predict find the same centre on the same film; a
+crop prepare oai writes states that centre and its spacing (klgrade.ingest.images.JOINT_KEY),
+and its view is framed on them rather than located again.
 The square crop around a located joint is klgrade.ingest.crop.
 """
 from __future__ import annotations
