@@ -156,7 +156,9 @@ class JointLocation:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
 
 
-def _resize(img: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
+def resize_image(img: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
+    """float32 copy of ``img`` at ``shape_hw`` (rows, cols): area-averaged when shrinking, bilinear
+    when growing."""
     import cv2
 
     h, w = shape_hw
@@ -172,7 +174,7 @@ def _work(img: np.ndarray, film: bool = False) -> tuple[np.ndarray, float]:
     views stay bit-equal)."""
     h, w = img.shape
     f = WORK_PX / max(h, w)
-    small = _resize(img, (max(8, round(h * f)), max(8, round(w * f))))
+    small = resize_image(img, (max(8, round(h * f)), max(8, round(w * f))))
     bands = _bright_flat_bands(small) if film else (0, 0, 0, 0)
     t, b, left, r = bands
     if any(bands):

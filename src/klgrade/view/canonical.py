@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from klgrade.ingest.anatomy import TYPICAL_KNEE_WIDTH_MM
-from klgrade.ingest.roi import _resize, is_bilateral, leg_half, locate_joint, split_legs
+from klgrade.ingest.roi import is_bilateral, leg_half, locate_joint, resize_image, split_legs
 
 __all__ = ["FOV_MM", "FOV_PER_WIDTH", "JOINT_ROW", "STATS_BOX", "ViewInfo", "canonical_view", "is_bilateral",
            "standardise"]
@@ -198,7 +198,7 @@ def canonical_view(img: np.ndarray, size: int, spacing_mm=None, side: str | None
     if isinstance(spacing, tuple):
         sy, sx = spacing
         if not math.isclose(sy, sx, rel_tol=0.01):  # non-square pixels: resample rows to square ones
-            img = _resize(img, (max(16, round(img.shape[0] * sy / sx)), img.shape[1]))
+            img = resize_image(img, (max(16, round(img.shape[0] * sy / sx)), img.shape[1]))
         spacing = sx
     h, w = img.shape
     if is_bilateral(img) if bilateral is None else bilateral:
