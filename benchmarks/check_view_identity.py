@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 SIZES = (224, 160, 64)
-REAL = Path("/work/shared/data/kneeKL224/train")
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "kneeKL224" / "train"  # ../shared beside the repo
 
 
 def _films(out: Path) -> list[Path]:
