@@ -367,13 +367,15 @@ def _closer_look(img: np.ndarray, j: _Joint, spacing_known: bool) -> _Joint:
     return j2
 
 
-def locate_joint(img: np.ndarray, spacing_mm=None, min_confidence: float = 0.0) -> JointLocation:
+def locate_joint(img: np.ndarray, spacing_mm=None, min_confidence: float = 0.0,
+                 require_knee_width: bool = False) -> JointLocation:
     """Locate the joint of one knee (bone bright, right-knee orientation, any framing).
 
     ``spacing_mm`` (float or (row, col) mm/px, square pixels assumed as the view does): with it a
-    joint that is not knee-sized is noted (``note``); without it the spacing is estimated from the
-    plateau width. ``min_confidence``: below it the knee is not located (the view takes any joint
-    line that stands out; prepare oai asks for ``MIN_CONFIDENCE``).
+    joint that is not knee-sized is noted (``note``), or not located with ``require_knee_width``
+    (prepare oai: a crop of fixed size in mm around it would not hold a knee); without it the
+    spacing is estimated from the plateau width. ``min_confidence``: below it the knee is not
+    located (the view takes any joint line that stands out; prepare oai asks for ``MIN_CONFIDENCE``).
     """
     img = _as_2d(img)
     h, w = img.shape
@@ -393,7 +395,9 @@ def locate_joint(img: np.ndarray, spacing_mm=None, min_confidence: float = 0.0) 
         spacing = TYPICAL_KNEE_WIDTH_MM / j.width
     elif pair is not None and not reason and not j.truncated:
         width_mm = j.width * pair[1]
-        if not KNEE_WIDTH_MM[0] <= width_mm <= KNEE_WIDTH_MM[1]:
+        if not KNEE_WIDTH_MM[0] <= width_mm <= KNEE_WIDTH_MM[1] and require_knee_width:
+            reason = f"joint {width_mm:.0f} mm wide, not a knee ({KNEE_WIDTH_MM[0]:.0f}-{KNEE_WIDTH_MM[1]:.0f} mm)"
+        elif not KNEE_WIDTH_MM[0] <= width_mm <= KNEE_WIDTH_MM[1]:
             note = f"joint {width_mm:.0f} mm wide at {spacing_mm} mm/px: spacing or localisation doubtful"
     return JointLocation(x=float(j.x), y=float(j.y), confidence=conf, ok=not reason, width_px=float(j.width),
                          spacing_mm=spacing, spacing_estimated=estimated and spacing is not None,
@@ -408,13 +412,15 @@ def leg_half(img: np.ndarray, side: str, cut: int) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(part), a  # copied once here, not again by each step that reads it
 
 
-def locate_factor(spacing_mm, shape: tuple[int, int], min_side: int = 32) -> int:
+def locate_factor(spacing_mm, shape: tuple[int, int]) -> int:
     """Integer area-reduction factor that brings a film to about ``LOCATE_MM`` (1: none; also
-    without a spacing, and never below ``min_side`` px)."""
+    without a spacing, and never below the smallest usable image, images.MIN_SIDE px)."""
+    from klgrade.ingest.images import MIN_SIDE
+
     pair = _spacing_pair(spacing_mm)
     if pair is None:
         return 1
-    return max(1, min(int(LOCATE_MM / max(pair)), min(shape[:2]) // min_side))
+    return max(1, min(int(LOCATE_MM / max(pair)), min(shape[:2]) // MIN_SIDE))
 
 
 def area_reduce(img: np.ndarray, factor: int) -> np.ndarray:
@@ -446,12 +452,10 @@ def locate_bilateral(img: np.ndarray, spacing_mm=None,
             out[side] = JointLocation(x=float("nan"), y=float("nan"), confidence=0.0, ok=False,
                                       reason="no room for a knee on this side of the film")
             continue
-        loc = locate_joint(part, spacing_mm, min_confidence)
+        loc = locate_joint(part, spacing_mm, min_confidence, require_knee_width=pair is not None)
         loc.x = _to_input(a + (loc.x if side == "R" else part.shape[1] - 1 - loc.x), f)
         loc.y, loc.width_px = _to_input(loc.y, f), loc.width_px * f
         loc.spacing_mm = None if pair is None else float(np.mean(pair))
-        if loc.ok and "mm wide" in loc.note:
-            loc.ok, loc.reason, loc.note = False, loc.note.replace(": spacing or localisation doubtful", ", not a knee"), ""
         out[side] = loc
     return out
 

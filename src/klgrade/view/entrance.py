@@ -150,13 +150,12 @@ def reduce_for_view(img: np.ndarray, spacing, img_size: int) -> tuple[np.ndarray
     oai located), lowered when a large view needs finer pixels (``VIEW_OVERSAMPLE`` x finer than
     the view's). Films without spacing are left alone.
     """
-    from klgrade.ingest.images import MIN_SIDE
     from klgrade.ingest.roi import area_reduce, locate_factor
 
     if spacing is None:
         return img, spacing, 1
     sy, sx = (float(spacing), float(spacing)) if np.isscalar(spacing) else (float(spacing[0]), float(spacing[1]))
-    factor = min(locate_factor((sy, sx), img.shape, MIN_SIDE), int(FOV_MM / img_size / (VIEW_OVERSAMPLE * max(sy, sx))))
+    factor = min(locate_factor((sy, sx), img.shape), int(FOV_MM / img_size / (VIEW_OVERSAMPLE * max(sy, sx))))
     if factor < 2:
         return img, spacing, 1
     return area_reduce(img, factor), (sy * factor, sx * factor), factor
