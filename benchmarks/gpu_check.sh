@@ -4,6 +4,7 @@
 # Writes benchmarks/results/train_throughput_cuda_<model>_<size>.json (device, train_ratio, eval_ratio)
 # and, under $OUT when set (the device tool's output folder), copies of them + the pytest log.
 #   bash benchmarks/gpu_check.sh            # needs the venv (make install) and ../shared/data/kneeKL224
+# The whole study on the GPU (target <= 10 min) is the next call: benchmarks/study_gpu_kneekl224.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

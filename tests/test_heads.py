@@ -134,6 +134,22 @@ def test_linear_and_xgboost_heads(head, knees, tmp_path):
     assert (tmp_path / head / "history.csv").is_file()
 
 
+def test_xgboost_whose_first_round_is_best_still_predicts():
+    """Validation labels opposite to the training signal: every round after the first is worse, so
+    early stopping keeps round 0, which must not read as 'no early stopping' (all 500 rounds)."""
+    pytest.importorskip("xgboost")
+    from klgrade.heads.trees import Trees, fit_xgboost
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(5), 40)
+    X = (y[:, None] + rng.normal(0, 0.3, (200, 4))).astype(np.float32)
+    cfg = HeadConfig(head="xgboost", seed=0)
+    ckpt, hist = fit_xgboost(cfg, X, y, X, 4 - y)
+    assert ckpt["best_iteration"] == 0 and len(hist) == 1 + cfg.early_stopping_rounds
+    p = Trees.predict_proba(ckpt, X[:3])
+    np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
+
+
 def test_xgboost_missing_is_a_clear_error(knees, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "xgboost", None)
     with pytest.raises(RunError, match=r"pip install 'klgrade\[xgboost\]'"):

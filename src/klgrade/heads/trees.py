@@ -44,7 +44,10 @@ def fit_xgboost(cfg, Xtr, ytr, Xva, yva):
     clf = xgb.XGBClassifier(**params)
     clf.fit(Xtr, ytr_c, sample_weight=sw, eval_set=[(Xva[keep], yva_c)] if keep.any() else None, verbose=False)
     raw = bytes(clf.get_booster().save_raw("json"))
-    best_it = int(getattr(clf, "best_iteration", None) or clf.n_estimators - 1)
+    # round 0 can be the best (a validation set the trees only get worse on): 0 is not "unset"
+    best = getattr(clf, "best_iteration", None)
+    best_it = min(int(best) if best is not None else clf.n_estimators - 1,
+                  clf.get_booster().num_boosted_rounds() - 1)
     hist = clf.evals_result().get("validation_0", {}).get("mlogloss", [])
     ckpt = {"booster": torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone(), "best_iteration": best_it,
             "classes": torch.from_numpy(classes.astype(np.int64))}
