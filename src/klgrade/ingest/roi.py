@@ -29,10 +29,12 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+import cv2
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from klgrade.filters import gaussian_filter
 from klgrade.ingest.anatomy import KNEE_WIDTH_MM, TYPICAL_KNEE_WIDTH_MM
 
 WORK_MM = 1.0  # working pixel size for splitting a bilateral film (mm)
@@ -216,10 +218,10 @@ def _joint_line(g: np.ndarray) -> tuple[int, int, float, float, float]:
     for sig in GAP_SIGMAS:
         if 8 * sig > h / 2:
             break
-        valley = ndimage.gaussian_filter(g, (sig, 0.7), order=(2, 0), mode="nearest")
+        valley = gaussian_filter(g, sig, 0.7, order_rows=2)
         valley *= sig * sig
         near, far = int(round(2 * sig)), int(round(6 * sig))
-        band = ndimage.uniform_filter1d(g, far - near + 1, axis=0, mode="nearest")
+        band = cv2.blur(g, (1, far - near + 1), borderType=cv2.BORDER_REPLICATE)  # a running mean down the columns
         sh = (far + near) // 2
         above = np.empty_like(band)
         below = np.empty_like(band)
@@ -229,7 +231,7 @@ def _joint_line(g: np.ndarray) -> tuple[int, int, float, float, float]:
         score = np.clip(valley, 0, None) * np.clip(depth, 0, None)
         score[:sh] = 0
         score[h - sh:] = 0
-        line = ndimage.uniform_filter1d(score, max(3, w // 4), axis=1, mode="constant")
+        line = cv2.blur(score, (max(3, w // 4), 1), borderType=cv2.BORDER_CONSTANT)  # along the rows, zero outside
         iy, ix = np.unravel_index(int(np.argmax(line)), line.shape)
         if line[iy, ix] > best[3]:  # only the best scale's dominance is returned: skip the others'
             best = (int(iy), int(ix), sig, float(line[iy, ix]), _dominance(line, iy, ix, sh, far))
@@ -272,7 +274,7 @@ def locate_knee(img: np.ndarray, centre_on_both_bands: bool = False, film: bool 
     and the condyles' midpoints, which an osteophyte on one band moves half as far. ``film``: see
     ``_work``."""
     g, f = _work(np.asarray(img, np.float32), film)
-    g = ndimage.gaussian_filter(g, 0.7, mode="nearest")
+    g = gaussian_filter(g, 0.7, 0.7)
     h, w = g.shape
     iy, ix, sig, score, dom = _joint_line(g)
     if score < MIN_GAP_SCORE and not (score >= MIN_FAINT_GAP_SCORE and dom >= MIN_FAINT_DOMINANCE):

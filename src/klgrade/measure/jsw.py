@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from klgrade.filters import gaussian_filter
+
 WORK_W = 320  # plateau width in work px (~0.24 mm/px for a 76 mm plateau)
 MIN_PLATEAU_PX = 80  # below: too few pixels across the joint to measure a 1-2 mm gap
 # |x - centre| / plateau width measured per compartment. (0.1, 0.4) tracked KL grade slightly better
@@ -316,8 +318,8 @@ def measure_knee(img: np.ndarray, spacing_mm=None, side: str | None = None, info
     else:  # a single knee of unknown orientation; unclipped, so the soft tissue beside the tibia counts
         medial_right, by_fibula = _medial_is_right((roi - lo) / (hi - lo), jrow, True)
     scale = spacing * width / WORK_W if spacing else 100.0 / WORK_W
-    smooth = ndimage.gaussian_filter(g, 1.5)
-    dy = ndimage.gaussian_filter(g, (SIG_Y, SIG_X), order=(1, 0))
+    smooth = gaussian_filter(g, 1.5, 1.5, mode="reflect")
+    dy = gaussian_filter(g, SIG_Y, SIG_X, order_rows=1, mode="reflect")
     x = (np.arange(g.shape[1]) - (g.shape[1] - 1) / 2) / WORK_W
     parts = {}
     for name, sgn in (("medial", 1 if medial_right else -1), ("lateral", -1 if medial_right else 1)):

@@ -1,0 +1,37 @@
+"""scipy.ndimage's Gaussian filters on 2-D float images, computed by OpenCV.
+
+The locator and the JSW measurement filter small images (~200 x 150 and ~320 x 230 px) many times
+per knee; there ``cv2.sepFilter2D`` is ~4x faster than ``ndimage.gaussian_filter`` with the same
+kernels (radius 4 sigma) and borders, and agrees to ~1e-6 of the result's range (float32 sums).
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+_BORDERS = {"nearest": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT}
+
+
+def gaussian_kernel(sigma: float, order: int = 0) -> np.ndarray:
+    """The correlation kernel ``ndimage.gaussian_filter1d`` applies: a Gaussian of radius
+    int(4 sigma + 0.5), or its first or second derivative."""
+    r = int(4.0 * sigma + 0.5)
+    x = np.arange(-r, r + 1, dtype=np.float64)
+    k = np.exp(-0.5 * x * x / (sigma * sigma))
+    k /= k.sum()
+    if order == 1:
+        return k * x / (sigma * sigma)  # correlating with +x/s^2 phi = convolving with phi'
+    if order == 2:
+        return k * (x * x / sigma ** 4 - 1 / sigma ** 2)
+    if order != 0:
+        raise ValueError(f"derivative order {order} (0, 1 or 2)")
+    return k
+
+
+def gaussian_filter(img: np.ndarray, sigma_rows: float, sigma_cols: float, order_rows: int = 0,
+                    mode: str = "nearest") -> np.ndarray:
+    """``ndimage.gaussian_filter(img, (sigma_rows, sigma_cols), order=(order_rows, 0), mode=mode)``
+    for a 2-D float32/float64 image, in its own float type."""
+    depth = cv2.CV_64F if img.dtype == np.float64 else cv2.CV_32F
+    return cv2.sepFilter2D(np.ascontiguousarray(img), depth, gaussian_kernel(sigma_cols),
+                           gaussian_kernel(sigma_rows, order_rows), borderType=_BORDERS[mode])
