@@ -56,3 +56,22 @@ def test_resumed_run_keeps_its_recorded_layout():
     dtype, cl = choose_layout(torch.device("cpu"), torch.nn.Identity(), "x", 16, 2, train=True,
                               recorded={"amp_dtype": "fp32", "channels_last": True})
     assert dtype is None and cl is True
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("mean,std", [((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5,) * 3, (0.5,) * 3)])
+def test_cpu_model_input_is_bit_equal_to_the_torch_normalisation(channels_last, mean, std):
+    """predict/evaluate build CPU model input in NumPy (no OpenMP wake-ups); it must equal, bit for
+    bit, what the torch path (used on GPUs and in training) gives, in both memory layouts."""
+    import numpy as np
+    import torch
+
+    from klgrade.view.batches import normalize, views_to_tensor
+
+    views = np.random.default_rng(0).integers(0, 256, (3, 40, 40), dtype=np.uint8)
+    got = views_to_tensor(views, mean, std, "cpu", channels_last=channels_last)
+    want = normalize(torch.from_numpy(views).unsqueeze(1).float().div_(255.0), mean, std, channels_last)
+    assert got.dtype == torch.float32 and got.shape == (3, 3, 40, 40)
+    assert torch.equal(got, want)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert got.is_contiguous(memory_format=fmt)
