@@ -249,9 +249,9 @@ class SiteShiftAugment:
 
         n, _, h, w = x.shape
         vx, vy = self.framing_coords(n, h, w, g)
-        vx = to_device(vx, x).view(n, 1, w, 1).expand(n, h, w, 1)
-        vy = to_device(vy, x).view(n, h, 1, 1).expand(n, h, w, 1)
-        grid = torch.cat([vx, vy], dim=-1)
+        grid = torch.empty(n, h, w, 2, device=x.device, dtype=x.dtype)
+        grid[..., 0] = to_device(vx, x).view(n, 1, w)
+        grid[..., 1] = to_device(vy, x).view(n, h, 1)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
     def curve(self, x, g):
