@@ -161,8 +161,6 @@ class JointLocation:
 def resize_image(img: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
     """float32 copy of ``img`` at ``shape_hw`` (rows, cols): area-averaged when shrinking, bilinear
     when growing."""
-    import cv2
-
     h, w = shape_hw
     interp = cv2.INTER_AREA if h < img.shape[0] else cv2.INTER_LINEAR
     return cv2.resize(np.ascontiguousarray(img, np.float32), (w, h), interpolation=interp)
@@ -397,10 +395,11 @@ def locate_joint(img: np.ndarray, spacing_mm=None, min_confidence: float = 0.0,
         spacing = TYPICAL_KNEE_WIDTH_MM / j.width
     elif pair is not None and not reason and not j.truncated:
         width_mm = j.width * pair[1]
-        if not KNEE_WIDTH_MM[0] <= width_mm <= KNEE_WIDTH_MM[1] and require_knee_width:
-            reason = f"joint {width_mm:.0f} mm wide, not a knee ({KNEE_WIDTH_MM[0]:.0f}-{KNEE_WIDTH_MM[1]:.0f} mm)"
-        elif not KNEE_WIDTH_MM[0] <= width_mm <= KNEE_WIDTH_MM[1]:
-            note = f"joint {width_mm:.0f} mm wide at {spacing_mm} mm/px: spacing or localisation doubtful"
+        if not KNEE_WIDTH_MM[0] <= width_mm <= KNEE_WIDTH_MM[1]:
+            if require_knee_width:
+                reason = f"joint {width_mm:.0f} mm wide, not a knee ({KNEE_WIDTH_MM[0]:.0f}-{KNEE_WIDTH_MM[1]:.0f} mm)"
+            else:
+                note = f"joint {width_mm:.0f} mm wide at {spacing_mm} mm/px: spacing or localisation doubtful"
     return JointLocation(x=float(j.x), y=float(j.y), confidence=conf, ok=not reason, width_px=float(j.width),
                          spacing_mm=spacing, spacing_estimated=estimated and spacing is not None,
                          dominance=float(j.dominance), truncated=j.truncated, reason=reason, note=note)
@@ -427,8 +426,6 @@ def locate_factor(spacing_mm, shape: tuple[int, int]) -> int:
 
 def area_reduce(img: np.ndarray, factor: int) -> np.ndarray:
     """Mean over ``factor`` x ``factor`` blocks (OpenCV's area resize; a partial last block is cut)."""
-    import cv2
-
     if factor < 2:
         return img
     h, w = img.shape[0] // factor, img.shape[1] // factor
