@@ -92,10 +92,9 @@ finetune() {  # run-path weights (a pretrain run dir, or auto = ImageNet)
   if [[ -f "$1/last.pt" ]]; then log "$(basename "$1"): resuming"; $BIN train --resume "$1"; return; fi
   rm -rf "$1"
   log "fine-tune $(basename "$1") from $2"
-  # the study's fine-tuning recipe (benchmarks/study_pretrained_kneekl224.sh)
-  $BIN train --data "$DATA" --model efficientnet_lite0 --weights "$2" --img-size 224 --epochs "$FT_EPOCHS" \
-    --batch-size 32 --lr 1e-3 --layer-decay 0.8 --warmup-epochs 0.5 --drop-rate 0.2 --seed "$SEED" \
-    --device "$DEVICE" --out "$1"
+  # the study's fine-tuning recipe (`--recipe finetune`) at this script's size and epochs
+  $BIN train --recipe finetune --data "$DATA" --model efficientnet_lite0 --weights "$2" --img-size 224 \
+    --epochs "$FT_EPOCHS" --batch-size 32 --seed "$SEED" --device "$DEVICE" --out "$1"
 }
 compare() {
   local runs=() names=()

@@ -69,9 +69,9 @@ head_run() {  # run head
 }
 
 timed prepare prepare
-# the fine-tuning recipe of the CPU study (layer-wise LR decay, warm-up, dropout, SORD loss)
-timed lite0_ft train lite0_ft --model efficientnet_lite0 --weights auto --img-size "$IMG" --epochs "$FT_EPOCHS" \
-  --batch-size 32 --lr 1e-3 --layer-decay 0.8 --warmup-epochs 0.5 --drop-rate 0.2
+# the fine-tuning recipe of the CPU study (`--recipe finetune`: layer-wise LR decay, warm-up, dropout)
+timed lite0_ft train lite0_ft --recipe finetune --model efficientnet_lite0 --weights auto --img-size "$IMG" \
+  --epochs "$FT_EPOCHS" --batch-size 32
 timed resnet18_scratch train resnet18_scratch --model resnet18 --weights none --img-size "$SCRATCH_IMG" \
   --epochs "$SCRATCH_EPOCHS" --batch-size 32 --lr 2e-3 --tta flip
 timed embed_lite0 "${KLG[@]}" embed --data "$DATA" --backbone efficientnet_lite0 --weights auto --device "$DEVICE" \

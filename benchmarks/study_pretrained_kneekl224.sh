@@ -43,10 +43,10 @@ if [[ ! -f "$OUT/data/manifest.csv" ]]; then
   $BIN split "$OUT/data" --rename val=test --holdout 0.1 --seed "$SEED"
 fi
 
-# The fine-tuning recipe for pretrained backbones: layer-wise LR decay 0.8 (the stem learns slowest),
-# half an epoch of warm-up, dropout before the new head; the default augmentation and SORD loss.
-FT=(--img-size "$IMG" --epochs "$EPOCHS" --batch-size 32 --lr 1e-3 --layer-decay 0.8 --warmup-epochs 0.5
-    --drop-rate 0.2 --seed "$SEED" --device "$DEVICE")
+# klgrade's fine-tuning recipe for pretrained backbones (`--recipe finetune`: AdamW 1e-3, layer-wise
+# LR decay 0.8 so the stem learns slowest, half an epoch of warm-up, dropout before the new head;
+# the default augmentation and SORD loss), at this script's size and epochs.
+FT=(--recipe finetune --img-size "$IMG" --epochs "$EPOCHS" --batch-size 32 --seed "$SEED" --device "$DEVICE")
 train() {  # name model weights [flags that override the recipe]
   local name=$1 model=$2 weights=$3
   if [[ -f "$OUT/runs/$name/metrics_test.json" ]]; then log "$name: done already"; return; fi

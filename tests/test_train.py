@@ -57,6 +57,33 @@ def test_config_yaml_file_then_flags_override(tmp_path):
     assert load_train_config(tmp_path / "run.yaml") == cfg
 
 
+def test_recipe_is_the_starting_point_and_flags_override_it(synth_png, tmp_path, capsys):
+    from klgrade.cli import main
+    from klgrade.config import RECIPES, ConfigError, recipe_config
+
+    assert recipe_config("scratch") == TrainConfig()
+    with pytest.raises(ConfigError, match="known: scratch, finetune"):
+        recipe_config("warm")
+    out = tmp_path / "ft"
+    assert main(["train", "--recipe", "finetune", "--data", str(synth_png), "--model", "test_resnet",
+                 "--weights", "none", "--img-size", "32", "--epochs", "1", "--batch-size", "16",
+                 "--out", str(out)]) == 0
+    saved = io.read_yaml(out / "config.yaml")
+    assert {k: saved[k] for k in RECIPES["finetune"] if k != "epochs"} == \
+        {k: v for k, v in RECIPES["finetune"].items() if k != "epochs"}
+    assert saved["epochs"] == 1 and saved["layer_decay"] == 0.8  # the flag wins over the recipe
+    # a settings file's keys override the recipe, nested sections key by key
+    f = tmp_path / "no_site.yaml"
+    io.write_yaml(f, {"augment": {"site_shift": False}, "lr": 5e-4})
+    cfg = load_train_config(f, base=recipe_config("finetune"))
+    assert (cfg.lr, cfg.layer_decay, cfg.epochs, cfg.augment.site_shift, cfg.augment.enabled) == \
+        (5e-4, 0.8, 16, False, True)
+    assert load_train_config(f).layer_decay == 1.0  # without a base: the built-in defaults
+    with pytest.raises(SystemExit):
+        main(["train", "--recipe", "warm", "--out", str(tmp_path / "x")])
+    assert "invalid choice: 'warm'" in capsys.readouterr().err
+
+
 def test_site_shift_ranges_are_part_of_the_saved_config(tmp_path):
     from klgrade.augment.augment import Augment
 

