@@ -67,30 +67,12 @@ def create_app(run_dir: str | Path | None = None, *, grader: Grader | None = Non
     limit = int(max_upload_mb * 1024 * 1024)
     page = resources.files("klgrade.clinic").joinpath("static/index.html").read_text(encoding="utf-8")
 
-    too_large = f"upload too large: the limit is {max_upload_mb:g} MB"
     app = FastAPI(title="klgrade", summary="Kellgren-Lawrence grading of knee radiographs",
                   docs_url=None, redoc_url=None)
     app.state.grader = grader
-    # Starlette's limit counts the bytes actually received, so a chunked upload without
-    # Content-Length cannot stream past it into the temp file; its 413 reaches the JSON handler below.
-    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=limit)
-    # Added last = outermost: an oversized declared Content-Length is refused before any byte is read.
-    app.add_middleware(ContentLengthLimit, max_body_size=limit, message=too_large)
-    # Outermost of all: a request for a host we do not serve (DNS rebinding) gets nothing else.
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
+    _guard(app, limit, f"upload too large: the limit is {max_upload_mb:g} MB", allowed_hosts)
     decode_slots = threading.BoundedSemaphore(max(1, int(max_decodes)))
     io.sweep_stale(tempfile.gettempdir(), "upload")  # uploads of a server killed mid-request
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):  # a clear JSON message for every HTTP error, 413 included
-        detail = too_large if exc.status_code == 413 else exc.detail
-        return JSONResponse({"detail": detail}, status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(request, exc):
-        where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
-        return JSONResponse({"detail": f"expected a multipart upload with a 'file' field ({where})"},
-                            status_code=400)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -112,12 +94,7 @@ def create_app(run_dir: str | Path | None = None, *, grader: Grader | None = Non
         tmp = tempfile.mkdtemp(prefix=io.scratch_prefix("upload"))
         try:
             path = Path(tmp) / "upload"
-            with open(path, "wb") as f:
-                size = 0
-                while chunk := file.file.read(1 << 20):
-                    size += len(chunk)
-                    f.write(chunk)
-            if size == 0:
+            if _save_upload(file, path) == 0:
                 raise HTTPException(400, f"{UPLOAD_NAME} is empty")
             try:
                 with decode_slots:
@@ -134,6 +111,38 @@ def create_app(run_dir: str | Path | None = None, *, grader: Grader | None = Non
         return {"run": grader.name, "model": grader.description, "tta": grader.tta, **res}
 
     return app
+
+
+def _guard(app: FastAPI, limit: int, too_large: str, allowed_hosts) -> None:
+    """Upload limits, the Host check and one JSON error shape for every refusal."""
+    # Starlette's limit counts the bytes actually received, so a chunked upload without
+    # Content-Length cannot stream past it into the temp file; its 413 reaches the JSON handler below.
+    app.add_middleware(RequestBodyLimitMiddleware, max_body_size=limit)
+    # Added last = outermost: an oversized declared Content-Length is refused before any byte is read.
+    app.add_middleware(ContentLengthLimit, max_body_size=limit, message=too_large)
+    # Outermost of all: a request for a host we do not serve (DNS rebinding) gets nothing else.
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts), www_redirect=False)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):  # a clear JSON message for every HTTP error, 413 included
+        detail = too_large if exc.status_code == 413 else exc.detail
+        return JSONResponse({"detail": detail}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request, exc):
+        where = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors())
+        return JSONResponse({"detail": f"expected a multipart upload with a 'file' field ({where})"},
+                            status_code=400)
+
+
+def _save_upload(file: UploadFile, path: Path) -> int:
+    """Stream an upload to ``path`` in 1 MB chunks; the number of bytes written."""
+    size = 0
+    with open(path, "wb") as f:
+        while chunk := file.file.read(1 << 20):
+            size += len(chunk)
+            f.write(chunk)
+    return size
 
 
 class ContentLengthLimit:

@@ -300,20 +300,7 @@ def compare_runs(run_dirs: Sequence[str | Path], split: str = "test", out_dir: s
     import klgrade
 
     run_dirs = [Path(r) for r in run_dirs]
-    if not run_dirs:
-        raise RunError("compare needs at least one run dir")
-    if n_boot < 1:
-        raise ValueError(f"--n-boot must be >= 1, got {n_boot}")
-    if not 0.0 < ci < 1.0:
-        raise ValueError(f"--ci must lie strictly between 0 and 1, got {ci}")
-    if isinstance(names, str):
-        names = [n.strip() for n in names.split(",")]
-    if names is not None and len(names) != len(run_dirs):
-        raise RunError(f"--names gives {len(names)} name(s) for {len(run_dirs)} run(s)")
-    for r in run_dirs:
-        if not r.is_dir():
-            raise RunError(f"{r}: no such run dir")
-    names = _unique_names(list(names) if names is not None else [run_name(r) for r in run_dirs])
+    names = _checked_names(run_dirs, names, n_boot, ci)
     configs = {}
     for n, r in zip(names, run_dirs):
         try:
@@ -327,39 +314,20 @@ def compare_runs(run_dirs: Sequence[str | Path], split: str = "test", out_dir: s
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    title = title or f"KL grading: {' vs '.join(names)} ({split} split)"
     banners = [notes] if isinstance(notes, str) else list(notes or [])
     for n in names:
         banners += run_banners(n, configs[n])
-
-    n_pat = aligned.n_patients
-    note = f"n = {aligned.n_images} images from {n_pat} patients ({split} split)."
     tables = {"table1": table1_frame(point), "table1_ci": table1_ci_frame(analysis["intervals"]),
               "calibration": table1_ci_frame(analysis["intervals"], rows=CALIBRATION_ROWS),
               "pairwise": pairwise_frame(analysis["pairwise"], ci), "mcnemar": mcnemar_frame(analysis["pairwise"])}
-    files: dict[str, str] = {}
-    for stem, caption in (("table1", "Table 1. Performance metrics for each KL grade."),
-                          ("table1_ci", f"Table 1 with {round(ci * 100)}% patient-level bootstrap "
-                                        f"confidence intervals.")):
-        written = write_table(out_dir, stem, tables[stem], caption, note)
-        files.update({f"{stem}_{ext}": p for ext, p in written.items()})
-
-    fig1 = figure_confusion(point, title="Figure 1. Confusion matrices")
-    paths1, png1 = _save(fig1, out_dir, "figure1_confusion")
     histories = {n: read_history(r) for n, r in zip(names, run_dirs)}
-    fig2 = figure_curves_and_calibration(histories, aligned, point,
-                                         title="Figure 2. Learning curves and reliability diagrams")
-    paths2, png2 = _save(fig2, out_dir, "figure2_curves_calibration")
-    files.update({f"figure1_{k}": v for k, v in paths1.items()})
-    files.update({f"figure2_{k}": v for k, v in paths2.items()})
-    files["stats_json"] = str(out_dir / "stats.json")
-    files["report_html"] = str(out_dir / "report.html")
+    files, pngs = _write_tables_and_figures(out_dir, tables, point, aligned, histories, split, ci)
 
     result = {
-        "title": title,
+        "title": title or f"KL grading: {' vs '.join(names)} ({split} split)",
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
         "klgrade_version": getattr(klgrade, "__version__", "?"),
-        "split": split, "n_images": aligned.n_images, "n_patients": n_pat,
+        "split": split, "n_images": aligned.n_images, "n_patients": aligned.n_patients,
         "support": [int(x) for x in np.bincount(aligned.y_true, minlength=M.N_GRADES)],
         "n_boot": int(n_boot), "seed": int(seed), "ci": float(ci), "bootstrap_unit": "patient",
         "ci_method": "percentile",
@@ -374,8 +342,48 @@ def compare_runs(run_dirs: Sequence[str | Path], split: str = "test", out_dir: s
         "files": files,
     }
     io.write_json(out_dir / "stats.json", _json_safe(result))
-    io.write_text(out_dir / "report.html", render_html(result, tables, {"figure1": png1, "figure2": png2}))
+    io.write_text(out_dir / "report.html", render_html(result, tables, pngs))
     return result
+
+
+def _checked_names(run_dirs: list[Path], names, n_boot: int, ci: float) -> list[str]:
+    """The display names of ``run_dirs`` (given or from the runs), after checking the options."""
+    if not run_dirs:
+        raise RunError("compare needs at least one run dir")
+    if n_boot < 1:
+        raise ValueError(f"--n-boot must be >= 1, got {n_boot}")
+    if not 0.0 < ci < 1.0:
+        raise ValueError(f"--ci must lie strictly between 0 and 1, got {ci}")
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")]
+    if names is not None and len(names) != len(run_dirs):
+        raise RunError(f"--names gives {len(names)} name(s) for {len(run_dirs)} run(s)")
+    for r in run_dirs:
+        if not r.is_dir():
+            raise RunError(f"{r}: no such run dir")
+    return _unique_names(list(names) if names is not None else [run_name(r) for r in run_dirs])
+
+
+def _write_tables_and_figures(out_dir: Path, tables: dict, point: dict, aligned, histories: dict,
+                              split: str, ci: float) -> tuple[dict[str, str], dict[str, str]]:
+    """Table 1 (plain and with CIs) and Figures 1-2 into ``out_dir``: ({artifact: path}, {figure: png})."""
+    note = f"n = {aligned.n_images} images from {aligned.n_patients} patients ({split} split)."
+    files: dict[str, str] = {}
+    for stem, caption in (("table1", "Table 1. Performance metrics for each KL grade."),
+                          ("table1_ci", f"Table 1 with {round(ci * 100)}% patient-level bootstrap "
+                                        f"confidence intervals.")):
+        written = write_table(out_dir, stem, tables[stem], caption, note)
+        files.update({f"{stem}_{ext}": p for ext, p in written.items()})
+    fig1 = figure_confusion(point, title="Figure 1. Confusion matrices")
+    paths1, png1 = _save(fig1, out_dir, "figure1_confusion")
+    fig2 = figure_curves_and_calibration(histories, aligned, point,
+                                         title="Figure 2. Learning curves and reliability diagrams")
+    paths2, png2 = _save(fig2, out_dir, "figure2_curves_calibration")
+    files.update({f"figure1_{k}": v for k, v in paths1.items()})
+    files.update({f"figure2_{k}": v for k, v in paths2.items()})
+    files["stats_json"] = str(out_dir / "stats.json")
+    files["report_html"] = str(out_dir / "report.html")
+    return files, {"figure1": png1, "figure2": png2}
 
 
 def _json_safe(obj):

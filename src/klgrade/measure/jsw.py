@@ -283,22 +283,10 @@ def measure_knee(img: np.ndarray, spacing_mm=None, side: str | None = None, info
     spacing = _spacing(spacing_mm)
     unit = "mm" if spacing else "%plateau"
     img = np.asarray(img, np.float32)
-    if img.ndim != 2:
-        return failed(f"not a 2-D grayscale image (shape {img.shape})", unit)
-    if min(img.shape) < 32:
-        return failed(f"image too small ({img.shape[1]}x{img.shape[0]} px)", unit)
-    if info is None:
-        from klgrade.view.canonical import canonical_view
-
-        try:
-            _, info = canonical_view(img, 32, spacing_mm=spacing_mm, side=side)
-        except (ValueError, ArithmeticError) as e:
-            return failed(f"joint not located ({e})", unit)
-    if not info.ok:
-        return failed(f"joint not located: {info.reason}", unit)
+    info = _located(img, spacing_mm, side, info, unit)
+    if isinstance(info, JSW):
+        return info
     width = float(info.width_px)
-    if not math.isfinite(width) or width < MIN_PLATEAU_PX:
-        return failed(f"image too small: the tibial plateau spans {width:.0f} px (< {MIN_PLATEAU_PX})", unit)
     k = WORK_W / width
     try:
         roi, m = _roi(img, float(info.centre[0]), float(info.centre[1]), k)
@@ -317,7 +305,45 @@ def measure_knee(img: np.ndarray, spacing_mm=None, side: str | None = None, info
         medial_right, by_fibula = laterality == "R", True
     else:  # a single knee of unknown orientation; unclipped, so the soft tissue beside the tibia counts
         medial_right, by_fibula = _medial_is_right((roi - lo) / (hi - lo), jrow, True)
-    scale = spacing * width / WORK_W if spacing else 100.0 / WORK_W
+    res = _compartments(g, jrow, medial_right, spacing * width / WORK_W if spacing else 100.0 / WORK_W, m)
+    notes = []
+    if not spacing:
+        notes.append("no pixel spacing: JSW in percent of the tibial plateau width")
+    if not by_fibula:
+        notes.append("fibula not clear: medial side assumed on the image right (canonical orientation)")
+    if info.reason:
+        notes.append(info.reason)
+    reasons = [c.reason for c in res.values() if c.reason]
+    return JSW(res["medial"], res["lateral"], unit, ok=all(c.ok for c in res.values()),
+               reason="; ".join(reasons), note="; ".join(notes),
+               medial_side="right" if medial_right else "left", plateau_px=width)
+
+
+def _located(img: np.ndarray, spacing_mm, side, info, unit: str):
+    """The knee's ViewInfo (made here when not given), or a failed JSW saying why it cannot be
+    measured: not 2-D, too small, joint not located, plateau too narrow in pixels."""
+    if img.ndim != 2:
+        return failed(f"not a 2-D grayscale image (shape {img.shape})", unit)
+    if min(img.shape) < 32:
+        return failed(f"image too small ({img.shape[1]}x{img.shape[0]} px)", unit)
+    if info is None:
+        from klgrade.view.canonical import canonical_view
+
+        try:
+            _, info = canonical_view(img, 32, spacing_mm=spacing_mm, side=side)
+        except (ValueError, ArithmeticError) as e:
+            return failed(f"joint not located ({e})", unit)
+    if not info.ok:
+        return failed(f"joint not located: {info.reason}", unit)
+    width = float(info.width_px)
+    if not math.isfinite(width) or width < MIN_PLATEAU_PX:
+        return failed(f"image too small: the tibial plateau spans {width:.0f} px (< {MIN_PLATEAU_PX})", unit)
+    return info
+
+
+def _compartments(g: np.ndarray, jrow: int, medial_right: bool, scale: float, m) -> dict:
+    """Both compartments of the normalised ROI ``g`` (joint line at row ``jrow``; ``scale``: unit
+    per work px; ``m``: work px -> input px): {'medial': Compartment, 'lateral': Compartment}."""
     smooth = gaussian_filter(g, 1.5, 1.5, mode="reflect")
     dy = gaussian_filter(g, SIG_Y, SIG_X, order_rows=1, mode="reflect")
     x = (np.arange(g.shape[1]) - (g.shape[1] - 1) / 2) / WORK_W
@@ -333,17 +359,7 @@ def measure_knee(img: np.ndarray, spacing_mm=None, side: str | None = None, info
     for name, (cols, band, trace) in parts.items():
         res[name], shares[name] = _compartment(name, trace, cols, band, min_edge, scale, m)
     _whole_collapse(res, shares)
-    notes = []
-    if not spacing:
-        notes.append("no pixel spacing: JSW in percent of the tibial plateau width")
-    if not by_fibula:
-        notes.append("fibula not clear: medial side assumed on the image right (canonical orientation)")
-    if info.reason:
-        notes.append(info.reason)
-    reasons = [c.reason for c in res.values() if c.reason]
-    return JSW(res["medial"], res["lateral"], unit, ok=all(c.ok for c in res.values()),
-               reason="; ".join(reasons), note="; ".join(notes),
-               medial_side="right" if medial_right else "left", plateau_px=width)
+    return res
 
 
 def _whole_collapse(res: dict, shares: dict) -> None:

@@ -304,14 +304,7 @@ def _knee_attenuation(xv: np.ndarray, yv: np.ndarray, klg: int, anat: dict, rng:
     varus = float(np.deg2rad(f["varus_deg"]))
     fr = _Frame(xv, yv, tilt, varus, s)
     xr, yr, xt, yt = fr.xr, fr.yr, fr.xt, fr.yt
-
-    # ---- soft tissue: thigh wider than calf; thickness of an elliptic cylinder (fat + muscle)
-    w_st = float(anat["soft_tissue_mm"]) / s * (1.0 + 0.18 * expit(-(yr + 40) / 25) - 0.08 * expit((yr - 40) / 25))
-    u = xr / w_st
-    u2 = u * u
-    # subcutaneous fat attenuates less than muscle, so the skin edge ramps up rather than steps
-    att = (0.45 * np.clip(1.0 - u2, 0, None) ** 0.8 + 0.3 * np.sqrt(np.clip(1.0 - u2 * 1.8, 0, None))) * (
-        w_st * (1.0 / 58.0))
+    att = _soft_tissue(xr, yr, anat, s)
 
     # ---- femur: two condyles (flat-bottomed arcs) below a flaring metaphysis and a tubular shaft
     b = float(anat["condyle_height_mm"])
@@ -331,58 +324,14 @@ def _knee_attenuation(xv: np.ndarray, yv: np.ndarray, klg: int, anat: dict, rng:
     # Features near the joint are drawn in sub-windows only (most of the grid is shaft/soft tissue).
     win = _window(xv, yv, -75 * s, 75 * s, -60 * s, 60 * s)
     if win is not None:
-        rs, cs = win
-        xr_, yr_, xt_, yt_ = xr[rs, cs], yr[rs, cs], xt[rs, cs], yt[rs, cs]
-        # osteophytes: spurs growing out of the joint margins, outwards and towards the joint line
         yc = y0 - b + b * float((1 - 0.9 ** 2) ** 0.38)
-        ys_l, ys_m = y0 + jsw_l + 1.6, y0 + jsw_m + 1.6 + 0.5 * f["attrition_mm"]
-
-        def tib_w(y, lat):
-            return 13.0 + (25.0 if lat else 25.5) * float(expit((45.0 - y) / 16.0))
-
-        sites = (  # (base x, base y, angle (y down), on tibia?)
-            (-19.0 - 19.0 * 0.9, yc, np.pi - 0.6, False),      # femur lateral, points out and down
-            (19.5 + 20.0 * 0.9, yc, 0.6, False),               # femur medial
-            (-tib_w(ys_l, True), ys_l, np.pi + 0.55, True),    # tibia lateral, points out and up
-            (tib_w(ys_m, False), ys_m, -0.55, True),           # tibia medial
-        )
         sizes = f["osteophyte_mm"] / s * spur_jitter
-        for size, (bx, by, ang, on_tibia) in zip(sizes, sites):
-            if size <= 0.05:
-                continue
-            size = float(size)
-            if on_tibia:
-                d_tib[rs, cs] = _smax(d_tib[rs, cs], _spur(xt_, yt_, bx, by, ang, size, 0.35 * size + 1.0))
-            else:
-                d_fem[rs, cs] = _smax(d_fem[rs, cs], _spur(xr_, yr_, bx, by, ang, size, 0.35 * size + 1.0))
-
-    def bone(d, cw, tex=tex):
-        inside = _sig(d, e)
-        core = np.sqrt(np.clip(d, 0, 30.0) * (1.0 / 30.0))  # projected thickness of a rounded bone
-        cortex = np.exp(-(((d - cw * 0.5) / cw) ** 2))
-        return inside * (0.5 * core * (1.0 + 0.12 * tex) + 0.35 + 0.4 * cortex)
-
-    att_bone = bone(d_fem, cw_f) + bone(d_tib, cw_t)
-
+        _osteophytes(fr, win, d_fem, d_tib, sizes, yc, y0 + jsw_l + 1.6, y0 + jsw_m + 1.6 + 0.5 * f["attrition_mm"])
+    att_bone = _bone(d_fem, cw_f, tex, e) + _bone(d_tib, cw_t, tex, e)
     if win is not None:
-        top_, bot_, dt_, df_ = top[rs, cs], bottom[rs, cs], d_tib[rs, cs], d_fem[rs, cs]
-        add = np.zeros(xr_.shape, np.float32)
-        # intercondylar notch: less bone overlaps there
-        add -= 0.3 * _sig(_ellipse_in(xr_, yr_, 0.0, -10.0, 8.0, 11.0), 1.5) * _sig(df_, e)
-        # anterior/posterior tibial rims: a faint second plateau line (the knee is flexed)
-        rim = np.exp(-(((yt_ - top_ - 3.0) * (1 / 0.7)) ** 2)) * _sig(dt_ + 3.0, e)
-        add += 0.12 * rim * (np.abs(xt_) < 34)
-        # patella: faint overlay over the distal femur
-        d_pat = _ellipse_in(xr_, yr_, anat["patella_dx_mm"], -24.0 + anat["patella_dy_mm"], 21.0, 24.0)
-        add += 0.22 * _sig(d_pat, 2.5) * (1 + 0.5 * np.sqrt(np.clip(d_pat, 0, 20) * (1 / 20)))
-        # subchondral sclerosis, mostly medial
-        sc = f["sclerosis"]
-        if sc > 0:
-            med = expit((xt_ - 4.0) * (1 / 3.0))
-            band_t = np.exp(-np.clip(yt_ - top_, 0, None) * (1 / 5.0)) * _sig(dt_, e)
-            band_f = np.exp(-np.clip(bot_ - yr_, 0, None) * (1 / 4.0)) * _sig(df_, e)
-            add += sc * (med * (band_t + 0.6 * band_f) + 0.3 * (1 - med) * band_t)
-        att_bone[rs, cs] += add
+        rs, cs = win
+        att_bone[rs, cs] += _joint_overlays(fr, win, top[rs, cs], bottom[rs, cs], d_tib[rs, cs], d_fem[rs, cs],
+                                            anat, f["sclerosis"], e)
     # fibula (lateral): head overlapping the tibia's lateral margin, then the shaft down the leg;
     # a thinner bone than the tibia, so fainter in projection
     win = _window(xv, yv, -75 * s, -5 * s, 0.0, np.inf)
@@ -393,9 +342,75 @@ def _knee_attenuation(xv: np.ndarray, yv: np.ndarray, klg: int, anat: dict, rng:
         d_head = _ellipse_in(xt_, yt_, fx, fy, 9.5, 11.5, 0.35)
         half = 4.6 + 2.5 * np.exp(-np.clip(yt_ - fy, 0, None) * (1 / 25.0))  # neck tapers to the shaft
         d_shaft = np.minimum(half - np.abs(xt_ - (fx + 1.0 - 0.06 * (yt_ - fy))), yt_ - fy)
-        att_bone[rs, cs] += 0.6 * bone(_smax(d_head, d_shaft, 2.0), 1.2, tex[rs, cs])
+        att_bone[rs, cs] += 0.6 * _bone(_smax(d_head, d_shaft, 2.0), 1.2, tex[rs, cs], e)
 
     return att + float(anat["bone_density"]) * np.clip(att_bone, 0, None)
+
+
+def _soft_tissue(xr: np.ndarray, yr: np.ndarray, anat: dict, s: float) -> np.ndarray:
+    """Thigh wider than calf; the thickness of an elliptic cylinder of fat and muscle."""
+    w_st = float(anat["soft_tissue_mm"]) / s * (1.0 + 0.18 * expit(-(yr + 40) / 25) - 0.08 * expit((yr - 40) / 25))
+    u = xr / w_st
+    u2 = u * u
+    # subcutaneous fat attenuates less than muscle, so the skin edge ramps up rather than steps
+    return (0.45 * np.clip(1.0 - u2, 0, None) ** 0.8 + 0.3 * np.sqrt(np.clip(1.0 - u2 * 1.8, 0, None))) * (
+        w_st * (1.0 / 58.0))
+
+
+def _bone(d: np.ndarray, cw, tex: np.ndarray, e: float) -> np.ndarray:
+    """Projected attenuation of a bone whose signed depth is ``d`` (mm; cortex width ``cw``)."""
+    inside = _sig(d, e)
+    core = np.sqrt(np.clip(d, 0, 30.0) * (1.0 / 30.0))  # projected thickness of a rounded bone
+    cortex = np.exp(-(((d - cw * 0.5) / cw) ** 2))
+    return inside * (0.5 * core * (1.0 + 0.12 * tex) + 0.35 + 0.4 * cortex)
+
+
+def _osteophytes(fr, win, d_fem: np.ndarray, d_tib: np.ndarray, sizes: np.ndarray, yc: float, ys_l: float,
+                 ys_m: float) -> None:
+    """Spurs growing out of the four joint margins, outwards and towards the joint line, merged
+    into the bones' depth maps in place (``yc``: the condyles' spur height; ``ys_*``: the plateau's)."""
+    rs, cs = win
+    xr_, yr_, xt_, yt_ = fr.xr[rs, cs], fr.yr[rs, cs], fr.xt[rs, cs], fr.yt[rs, cs]
+
+    def tib_w(y, lat):
+        return 13.0 + (25.0 if lat else 25.5) * float(expit((45.0 - y) / 16.0))
+
+    sites = (  # (base x, base y, angle (y down), on tibia?)
+        (-19.0 - 19.0 * 0.9, yc, np.pi - 0.6, False),      # femur lateral, points out and down
+        (19.5 + 20.0 * 0.9, yc, 0.6, False),               # femur medial
+        (-tib_w(ys_l, True), ys_l, np.pi + 0.55, True),    # tibia lateral, points out and up
+        (tib_w(ys_m, False), ys_m, -0.55, True),           # tibia medial
+    )
+    for size, (bx, by, ang, on_tibia) in zip(sizes, sites):
+        if size <= 0.05:
+            continue
+        size = float(size)
+        if on_tibia:
+            d_tib[rs, cs] = _smax(d_tib[rs, cs], _spur(xt_, yt_, bx, by, ang, size, 0.35 * size + 1.0))
+        else:
+            d_fem[rs, cs] = _smax(d_fem[rs, cs], _spur(xr_, yr_, bx, by, ang, size, 0.35 * size + 1.0))
+
+
+def _joint_overlays(fr, win, top_, bot_, dt_, df_, anat: dict, sclerosis: float, e: float) -> np.ndarray:
+    """What overlaps the bones near the joint (window ``win``): the intercondylar notch, the
+    tibial rims, the patella and subchondral sclerosis."""
+    rs, cs = win
+    xr_, yr_, xt_, yt_ = fr.xr[rs, cs], fr.yr[rs, cs], fr.xt[rs, cs], fr.yt[rs, cs]
+    add = np.zeros(xr_.shape, np.float32)
+    # intercondylar notch: less bone overlaps there
+    add -= 0.3 * _sig(_ellipse_in(xr_, yr_, 0.0, -10.0, 8.0, 11.0), 1.5) * _sig(df_, e)
+    # anterior/posterior tibial rims: a faint second plateau line (the knee is flexed)
+    rim = np.exp(-(((yt_ - top_ - 3.0) * (1 / 0.7)) ** 2)) * _sig(dt_ + 3.0, e)
+    add += 0.12 * rim * (np.abs(xt_) < 34)
+    # patella: faint overlay over the distal femur
+    d_pat = _ellipse_in(xr_, yr_, anat["patella_dx_mm"], -24.0 + anat["patella_dy_mm"], 21.0, 24.0)
+    add += 0.22 * _sig(d_pat, 2.5) * (1 + 0.5 * np.sqrt(np.clip(d_pat, 0, 20) * (1 / 20)))
+    if sclerosis > 0:  # subchondral sclerosis, mostly medial
+        med = expit((xt_ - 4.0) * (1 / 3.0))
+        band_t = np.exp(-np.clip(yt_ - top_, 0, None) * (1 / 5.0)) * _sig(dt_, e)
+        band_f = np.exp(-np.clip(bot_ - yr_, 0, None) * (1 / 4.0)) * _sig(df_, e)
+        add += sclerosis * (med * (band_t + 0.6 * band_f) + 0.3 * (1 - med) * band_t)
+    return add
 
 
 def _texture(shape, rng: np.random.Generator, px_mm: float) -> np.ndarray:

@@ -221,29 +221,27 @@ def bilateral_dataset(
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = uid("study")
-    ds.SeriesInstanceUID = uid("series")
-    ds.Modality = modality
-    ds.StudyDate = study_date
-    ds.SeriesDate = study_date
-    ds.StudyDescription = "Bilateral knee" if "Knee" in series_description else "X-ray"
-    ds.SeriesDescription = series_description
-    ds.BodyPartExamined = body_part
-    ds.ViewPosition = view_position
-    ds.Manufacturer = "klgrade synthetic"
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    ds.PatientBirthDate = birth_date
-    ds.PatientSex = "O"
+    attrs = {
+        "SOPClassUID": sop_class, "SOPInstanceUID": sop_uid, "StudyInstanceUID": uid("study"),
+        "SeriesInstanceUID": uid("series"), "Modality": modality, "StudyDate": study_date,
+        "SeriesDate": study_date, "StudyDescription": "Bilateral knee" if "Knee" in series_description else "X-ray",
+        "SeriesDescription": series_description, "BodyPartExamined": body_part, "ViewPosition": view_position,
+        "Manufacturer": "klgrade synthetic", "PatientName": patient_name, "PatientID": patient_id,
+        "PatientBirthDate": birth_date, "PatientSex": "O", "StudyID": "1", "SeriesNumber": 1, "InstanceNumber": 1,
+    }
     if participant_id is not None:
-        ds.OtherPatientIDs = participant_id  # like OAI exports, which carry the participant id
+        attrs["OtherPatientIDs"] = participant_id  # like OAI exports, which carry the participant id
     if barcode is not None:
-        ds.AccessionNumber = barcode
-    ds.StudyID = "1"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
+        attrs["AccessionNumber"] = barcode
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    _set_image(ds, pixels, photometric, bits_stored, spacing_mm, spacing_tag, rescale, window)
+    return ds
+
+
+def _set_image(ds, pixels: np.ndarray, photometric: str, bits_stored: int, spacing_mm, spacing_tag: str,
+               rescale: tuple[float, float], window: tuple[float, float] | None) -> None:
+    """The image pixel, spacing, rescale and window attributes of ``ds`` for uint16 ``pixels``."""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
     ds.Rows, ds.Columns = (int(n) for n in pixels.shape)
@@ -268,7 +266,6 @@ def bilateral_dataset(
     ds.WindowCenter = f"{window[0]:.1f}"
     ds.WindowWidth = f"{window[1]:.1f}"
     ds.PixelData = pixels.tobytes()
-    return ds
 
 
 def save_dataset(ds, path: str | Path) -> Path:

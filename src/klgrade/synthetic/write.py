@@ -150,11 +150,7 @@ def write_dicom_tree(
     is_missing = _pick(n_knee, missing_label_frac, rng)
     is_dup = _pick(n_knee, duplicate_read_frac, rng)
     for j, (pid, v) in enumerate(tqdm(jobs, desc="synth dicom", disable=None if progress is None else not progress)):
-        prng = np.random.default_rng([seed, 3, int(pid)])  # per-patient constants (identity, dates)
-        fake_name = f"SYNTH^PATIENT{prng.integers(10**6):06d}"
-        fake_id = f"SYN{prng.integers(10**8):08d}"
-        birth = f"19{prng.integers(30, 60)}{prng.integers(1, 13):02d}{prng.integers(1, 29):02d}"
-        base = _dt.date(2004, 2, 1) + _dt.timedelta(days=int(prng.integers(0, 700)))
+        fake_name, fake_id, birth, base = _identity(seed, pid)
         date = (base + _dt.timedelta(days=int(round(v * 30.44)) + int(rng.integers(-20, 21)))).strftime("%Y%m%d")
         r, lft = by_key[(pid, v, "R")], by_key[(pid, v, "L")]
         spacing = float(np.round(rng.uniform(*spacing_range), 4))
@@ -177,46 +173,75 @@ def write_dicom_tree(
         save_dataset(ds, out / rel)
         contents[v].append({"Folder": folder, "ParticipantID": pid, "StudyDate": date, "Barcode": barcode,
                             "StudyDescription": "OAI knee x-ray", "SeriesDescription": KNEE_SERIES})
+        film = {"spacing_mm": spacing, "photometric": photometric,
+                "modality": modality, "spacing_tag": spacing_tag, "rescale_slope": rescale[0],
+                "rescale_intercept": rescale[1], "rows": shape[0], "cols": shape[1], "barcode": barcode,
+                "dicom_patient_name": fake_name, "dicom_patient_id": fake_id, "dicom_birth_date": birth}
         for k, (side, row) in enumerate((("R", r), ("L", lft))):
-            anat = {k: getattr(row, k) for k in ANATOMY_KEYS}
-            missing = bool(is_missing[2 * j + k])
-            truth.append({"path": rel, "patient_id": pid, "visit": v, "side": side, "klg": int(row.klg),
-                          "klg_label": pd.NA if missing else int(row.klg),
-                          "x": round(tr[side][0], 2), "y": round(tr[side][1], 2), "spacing_mm": spacing,
-                          "photometric": photometric, "modality": modality, "spacing_tag": spacing_tag,
-                          "rescale_slope": rescale[0], "rescale_intercept": rescale[1],
-                          "rows": shape[0], "cols": shape[1], "barcode": barcode,
-                          "dicom_patient_name": fake_name, "dicom_patient_id": fake_id,
-                          "dicom_birth_date": birth, **true_jsw(int(row.klg), anat)})
-            labels[v].append(_label_row(pid, side, int(row.klg), anat, v, missing, readprj=15))
-            if is_dup[2 * j + k]:
-                # another reading project read the same knee (maybe disagreeing); studies keep 15
-                other = int(np.clip(row.klg + rng.choice([-1, 0, 1]), 0, 4))
-                labels[v].append(_label_row(pid, side, other, anat, v, False, readprj=37))
+            knee_truth, knee_labels = _knee_rows(rel, pid, v, side, row, tr[side], film, bool(is_missing[2 * j + k]),
+                                                 bool(is_dup[2 * j + k]), rng)
+            truth.append(knee_truth)
+            labels[v] += knee_labels
         if is_other[j]:
-            desc = OTHER_SERIES[int(rng.integers(len(OTHER_SERIES)))]
-            ob = f"016{next(nb):05d}"
-            ofolder = f"{_oai_series_folder(v)}/{pid}/{date}/{ob}"
-            hand = _render_other(rng, other_series_shape)
-            ds = bilateral_dataset(to_stored(hand, "MONOCHROME2"), spacing, "MONOCHROME2", modality=modality,
-                                   series_description=desc, body_part="HAND" if "Hand" in desc else "KNEE",
-                                   view_position="LAT" if "Lateral" in desc else "PA",
-                                   patient_name=fake_name, patient_id=fake_id, birth_date=birth,
-                                   study_date=date, participant_id=pid, barcode=ob,
-                                   uid_seed=f"{seed}-{pid}-{v}-{desc}")
-            save_dataset(ds, out / _release_dir(v) / ofolder / "001")
-            contents[v].append({"Folder": ofolder, "ParticipantID": pid, "StudyDate": date, "Barcode": ob,
-                                "StudyDescription": "OAI x-ray", "SeriesDescription": desc})
+            contents[v].append(_other_series(out, rng, f"016{next(nb):05d}", pid, v, film, date, seed,
+                                             other_series_shape))
+    return _write_tables(out, visits, contents, labels, truth)
+
+
+def _knee_rows(rel: str, pid, v: int, side: str, row, centre, film: dict, missing: bool, duplicate: bool,
+               rng: np.random.Generator) -> tuple[dict, list[dict]]:
+    """One knee's truth.csv row and its KL label rows (a second reading project's when ``duplicate``)."""
+    anat = {k: getattr(row, k) for k in ANATOMY_KEYS}
+    truth = {"path": rel, "patient_id": pid, "visit": v, "side": side, "klg": int(row.klg),
+             "klg_label": pd.NA if missing else int(row.klg),
+             "x": round(centre[0], 2), "y": round(centre[1], 2), **film, **true_jsw(int(row.klg), anat)}
+    labels = [_label_row(pid, side, int(row.klg), anat, v, missing, readprj=15)]
+    if duplicate:
+        # another reading project read the same knee (maybe disagreeing); studies keep 15
+        other = int(np.clip(row.klg + rng.choice([-1, 0, 1]), 0, 4))
+        labels.append(_label_row(pid, side, other, anat, v, False, readprj=37))
+    return truth, labels
+
+
+def _write_tables(out: Path, visits, contents: dict, labels: dict, truth: list[dict]) -> pd.DataFrame:
+    """Each release's contents.csv, the BU reads per visit and truth.csv; the truth table."""
     for v in visits:
         io.write_csv(out / _release_dir(v) / "contents.csv", pd.DataFrame(contents[v]))
-        code = VISIT_CODES[v]
         lab = pd.DataFrame(labels[v])
         lab = lab.sort_values(["ID", "SIDE", "READPRJ"], kind="stable")
-        io.write_text(out / f"kxr_sq_bu{code}.txt", lab.to_csv(sep="|", index=False))
+        io.write_text(out / f"kxr_sq_bu{VISIT_CODES[v]}.txt", lab.to_csv(sep="|", index=False))
     truth_df = pd.DataFrame(truth)
     truth_df["klg_label"] = truth_df["klg_label"].astype("Int64")
     io.write_csv(out / "truth.csv", truth_df)
     return truth_df
+
+
+def _identity(seed: int, pid) -> tuple[str, str, str, _dt.date]:
+    """A patient's made-up name, ID, birth date and first visit date (per-patient constants)."""
+    prng = np.random.default_rng([seed, 3, int(pid)])
+    fake_name = f"SYNTH^PATIENT{prng.integers(10**6):06d}"
+    fake_id = f"SYN{prng.integers(10**8):08d}"
+    birth = f"19{prng.integers(30, 60)}{prng.integers(1, 13):02d}{prng.integers(1, 29):02d}"
+    return fake_name, fake_id, birth, _dt.date(2004, 2, 1) + _dt.timedelta(days=int(prng.integers(0, 700)))
+
+
+def _other_series(out: Path, rng: np.random.Generator, barcode: str, pid, v: int, film: dict, date: str,
+                  seed: int, shape: tuple[int, int]) -> dict:
+    """Write a non-knee series (hand, lateral knee, ...) of patient ``pid``'s visit ``v`` beside its
+    knee ``film`` (truth fields); its contents row."""
+    desc = OTHER_SERIES[int(rng.integers(len(OTHER_SERIES)))]
+    folder = f"{_oai_series_folder(v)}/{pid}/{date}/{barcode}"
+    hand = _render_other(rng, shape)
+    ds = bilateral_dataset(to_stored(hand, "MONOCHROME2"), film["spacing_mm"], "MONOCHROME2",
+                           modality=film["modality"], series_description=desc,
+                           body_part="HAND" if "Hand" in desc else "KNEE",
+                           view_position="LAT" if "Lateral" in desc else "PA",
+                           patient_name=film["dicom_patient_name"], patient_id=film["dicom_patient_id"],
+                           birth_date=film["dicom_birth_date"], study_date=date, participant_id=pid,
+                           barcode=barcode, uid_seed=f"{seed}-{pid}-{v}-{desc}")
+    save_dataset(ds, out / _release_dir(v) / folder / "001")
+    return {"Folder": folder, "ParticipantID": pid, "StudyDate": date, "Barcode": barcode,
+            "StudyDescription": "OAI x-ray", "SeriesDescription": desc}
 
 
 def _pick(n: int, frac: float, rng: np.random.Generator) -> np.ndarray:

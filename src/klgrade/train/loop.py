@@ -238,52 +238,64 @@ class Trainer:
         self.data = load_data(cfg, cfg.img_size, self.dist)
         self.train_labels = self.data.df["klg"].to_numpy()[self.data.rows["train"]]
 
-        cuda = self.device.type == "cuda"
-        model = built.model.to(self.device)
-        self.amp_dtype, self.channels_last = choose_layout(
-            self.device, model, built.arch, cfg.img_size, cfg.batch_size, train=True, amp=cfg.amp,
-            channels_last=cfg.channels_last, cache_dir=cfg.cache_dir, recorded=recorded)
-        # Validation and the final predictions use the layout inference picks (load_cnn_run), so
-        # `klgrade evaluate` later reproduces the run's own predictions on this machine exactly.
-        self.eval_amp_dtype, self.eval_channels_last = choose_layout(
-            self.device, model, built.arch, cfg.img_size, cfg.eval_batch_size, train=False, amp=cfg.amp,
-            channels_last=cfg.channels_last, cache_dir=cfg.cache_dir)
-        if self.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if self.dist.enabled:
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if cuda else None)
-        self.model = model
-
-        d = self.data
-        train_ds = ViewBatches(d.views, d.rows["train"], self.train_labels)
-        self.train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                        drop_last=True, workers=cfg.workers, rank=self.dist.rank,
-                                        world_size=self.dist.world_size, pin_memory=cuda)
-        self.eval_loaders = {
-            s: make_loader(ViewBatches(d.views, d.rows[s], d.df["klg"].to_numpy()[d.rows[s]]),
-                           cfg.eval_batch_size, shuffle=False, workers=cfg.workers, pin_memory=cuda)
-            for s in ("val", "test") if len(d.rows[s])
-        }
-        import timm.optim
-
-        self.optimizer = timm.optim.create_optimizer_v2(
-            unwrap(model), "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
-            layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None)
-        for group in self.optimizer.param_groups:  # timm leaves lr_scale to its own schedulers
-            group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
-        steps = len(self.train_loader)
-        if steps == 0:
-            raise RunError(f"{cfg.data}: no training batches (train split has {len(train_ds)} images)")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(steps * cfg.epochs, max(1, round(steps * cfg.warmup_epochs)),
-                                          cfg.min_lr_ratio))
+        self.model = self._place(built.model, recorded)
+        self._make_loaders()
+        self._make_optimizer()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn = make_loss(cfg, self.train_labels).to(self.device)
         self.augment = Augment(cfg.augment)
         self.epoch = 0  # epochs completed
         self.best_qwk, self.best_epoch, self.since_best = -math.inf, 0, 0
         self.history: list[dict] = []
+
+    def _place(self, model: torch.nn.Module, recorded: dict | None) -> torch.nn.Module:
+        """The model on the device in the precision and memory layout picked for it (recorded: a
+        resumed run's own pick), DDP-wrapped when distributed."""
+        cfg, cuda = self.cfg, self.device.type == "cuda"
+        model = model.to(self.device)
+        self.amp_dtype, self.channels_last = choose_layout(
+            self.device, model, self.built.arch, cfg.img_size, cfg.batch_size, train=True, amp=cfg.amp,
+            channels_last=cfg.channels_last, cache_dir=cfg.cache_dir, recorded=recorded)
+        # Validation and the final predictions use the layout inference picks (load_cnn_run), so
+        # `klgrade evaluate` later reproduces the run's own predictions on this machine exactly.
+        self.eval_amp_dtype, self.eval_channels_last = choose_layout(
+            self.device, model, self.built.arch, cfg.img_size, cfg.eval_batch_size, train=False, amp=cfg.amp,
+            channels_last=cfg.channels_last, cache_dir=cfg.cache_dir)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.dist.enabled:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if cuda else None)
+        return model
+
+    def _make_loaders(self) -> None:
+        cfg, d, cuda = self.cfg, self.data, self.device.type == "cuda"
+        train_ds = ViewBatches(d.views, d.rows["train"], self.train_labels)
+        self.train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                        drop_last=True, workers=cfg.workers, rank=self.dist.rank,
+                                        world_size=self.dist.world_size, pin_memory=cuda)
+        if len(self.train_loader) == 0:
+            raise RunError(f"{cfg.data}: no training batches (train split has {len(train_ds)} images)")
+        self.eval_loaders = {
+            s: make_loader(ViewBatches(d.views, d.rows[s], d.df["klg"].to_numpy()[d.rows[s]]),
+                           cfg.eval_batch_size, shuffle=False, workers=cfg.workers, pin_memory=cuda)
+            for s in ("val", "test") if len(d.rows[s])
+        }
+
+    def _make_optimizer(self) -> None:
+        """AdamW (layer-wise LR decay when asked) with warm-up + cosine decay per step."""
+        import timm.optim
+
+        cfg = self.cfg
+        self.optimizer = timm.optim.create_optimizer_v2(
+            unwrap(self.model), "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay,
+            layer_decay=cfg.layer_decay if cfg.layer_decay < 1 else None)
+        for group in self.optimizer.param_groups:  # timm leaves lr_scale to its own schedulers
+            group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
+        steps = len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(steps * cfg.epochs, max(1, round(steps * cfg.warmup_epochs)),
+                                          cfg.min_lr_ratio))
 
     # -- construction from a run dir
     @classmethod
