@@ -37,6 +37,23 @@ def test_known_jsw_measured_within_tolerance(film):
     assert measure_knee(img, 0.2, "L").medial.min < measure_knee(img, 0.2, "L").lateral.min
 
 
+def test_a_rim_line_inside_the_space_is_not_the_tibial_margin(film):
+    """A tilted beam projects the tibial plateau's rim as a second bright line inside the joint
+    space; the margin is the plateau's floor below it, where the cartilage sits."""
+    img, ar, _ = film
+    truth = syn.true_jsw(1, ar)["jsw_medial_mm"]
+    clean = measure_knee(img, 0.2, "R").medial
+    fx, fy = np.array(clean.femur).T
+    tx, ty = np.array(clean.tibia).T
+    with_rim = img.copy()
+    for x in range(int(fx.min()), int(fx.max()) + 1):  # a 2-px line 60% of the way down to the floor
+        yf, yt = np.interp(x, fx, fy), np.interp(x, tx, ty)
+        y = int(round(yf + 0.6 * (yt - yf)))
+        with_rim[y: y + 2, x] = img[int(round(yt)) + 3, x]  # as bright as the plateau's bone
+    r = measure_knee(with_rim, 0.2, "R").medial
+    assert abs(clean.min - truth) < 0.5 and abs(r.min - truth) < 0.5, (clean.min, r.min, truth)
+
+
 def test_bone_on_bone_reads_zero_with_a_flag():
     # medial joint space closed: base width 0 and KL4 narrowing (drawn gap clipped to 0.3 mm, and
     # the attrition/varus close it over part of the compartment)
