@@ -70,6 +70,18 @@ def test_unilateral_is_not_bilateral():
     assert not is_bilateral(img[90:250])  # a wide, short unilateral crop
 
 
+def test_an_inverted_wide_crop_of_one_knee_is_not_bilateral():
+    """Bone dark, soft tissue bright (as some kneeKL224 crops are), framed 1.85:1 with the margins
+    repeated: bright columns either side of a dark knee look like two legs around a gap."""
+    rng = np.random.default_rng(2)
+    img, _ = render_knee(0, rng, size_px=300, fov_mm=160)
+    crop = 1.0 - img[60:240, 40:260]  # 180 x 220, inverted
+    wide = np.pad(crop, ((0, 0), (56, 57)), mode="edge")  # 180 x 333
+    assert not is_bilateral(wide)
+    view, info = canonical_view(wide, 64)
+    assert info.side == "" and view.shape == (64, 64)
+
+
 def test_says_when_no_joint_is_found():
     rng = np.random.default_rng(0)
     flat = np.full((120, 160), 0.4, np.float32) + 0.01 * rng.standard_normal((120, 160)).astype(np.float32)

@@ -33,6 +33,28 @@ def test_robustness_command_writes_table(tiny_run, synth_png, tmp_path):
     assert "| clean |" in (out / "robustness.md").read_text()
 
 
+def test_a_file_without_a_view_is_reported_and_the_rest_graded(tiny_run, synth_png, tmp_path, capsys):
+    import shutil
+
+    from klgrade.ingest.manifest import image_paths, read_manifest, select_split
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_png, data)
+    test = select_split(read_manifest(data), "test")
+    broken = image_paths(test)[3]
+    open(broken, "wb").write(b"\x89PNG\r\n\x1a\n not a png")
+    out = tmp_path / "rob"
+    rc = main(["robustness", "--run", str(tiny_run), "--data", str(data), "--split", "test",
+               "--shifts", "gamma_1.6", "--workers", "1", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert f"1 of {len(test)} images gave no view" in err and broken.name in err and "Traceback" not in err
+    table = pd.read_csv(out / "robustness.csv")
+    assert (table["n"] == len(test) - 1).all() and table["qwk"].notna().all()
+    preds = pd.read_csv(out / "predictions_robustness.csv")
+    assert (preds["pred_clean"] == -1).sum() == 1 and (preds["pred_gamma_1.6"] == -1).sum() == 1
+
+
 def test_16bit_and_rgb_files_get_the_same_grade(tiny_run, synth_png, tmp_path):
     from klgrade.augment.site_shift import write_shifted
     from klgrade.ingest.manifest import image_paths, read_manifest, select_split

@@ -31,6 +31,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    import sys
     from pathlib import Path
 
     from klgrade.augment.site_shift import shift_names
@@ -49,6 +50,10 @@ def run(args) -> int:
     res = evaluate_robustness(args.run, data, args.split, args.shifts, out, device=args.device, tta=args.tta,
                               batch_size=args.batch_size, workers=args.workers, limit=args.limit,
                               keep_renders=args.keep_renders)
+    for name, r in res["shifts"].items():
+        if r["rejects"]:
+            print(f"{name}: {len(r['rejects'])} of {res['n']} images gave no view and were not graded "
+                  f"(first: {r['rejects'][0]})", file=sys.stderr)
     print(table_markdown(robustness_table(res)), end="")
     print(f"wrote {out}/robustness.csv, .md, .json, .png")
     return 0

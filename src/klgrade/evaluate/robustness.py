@@ -21,6 +21,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from klgrade import io
+from klgrade.errors import UserError
 from klgrade.evaluate.metrics import compute_metrics
 
 TARGET_DROP = 0.05  # issue 8: QWK may drop at most this much under any shift
@@ -30,23 +31,30 @@ TABLE_COLUMNS = ["shift", "description", "n", "qwk", "qwk_drop", "accuracy", "ad
 
 def _views(paths: Sequence[Path], size: int, workers: int, desc: str, progress: bool,
            render: Callable[[Path, int], Path] | None = None,
-           sides: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+           sides: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """Views (N,size,size) uint8 of the files (re-rendered first by ``render``) through the one view
-    entrance, and whether each view was established (ViewInfo.ok)."""
-    from klgrade.view.entrance import view_file
+    entrance, whether each view was established (ViewInfo.ok), and {index: reason} of the files
+    that gave no view at all (their rows of the views are zeros; they are not graded)."""
+    from klgrade.ingest.images import ImageReadError
+    from klgrade.view.entrance import ViewError, view_file
 
-    out = np.empty((len(paths), size, size), np.uint8)
+    out = np.zeros((len(paths), size, size), np.uint8)
     ok = np.zeros(len(paths), bool)
+    rejects: dict[int, str] = {}
 
     def work(i: int) -> None:
-        p = render(paths[i], i) if render else paths[i]
-        out[i], info = view_file(p, size, sides[i] if sides else None)
+        try:
+            p = render(paths[i], i) if render else paths[i]
+            out[i], info = view_file(p, size, sides[i] if sides else None)
+        except (ViewError, ImageReadError) as e:  # reported with the shift, the batch goes on
+            rejects[i] = str(e) if str(paths[i]) in str(e) else f"{paths[i]}: {e}"
+            return
         ok[i] = info.ok
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
         list(tqdm(pool.map(work, range(len(paths))), total=len(paths), disable=not progress, desc=desc,
                   unit="img", leave=False))
-    return out, ok
+    return out, ok, rejects
 
 
 def evaluate_robustness(run_dir: str | Path, data: str | Path, split: str = "test", shifts: str = "all",
@@ -91,12 +99,18 @@ def evaluate_robustness(run_dir: str | Path, data: str | Path, split: str = "tes
                 def render(p: Path, i: int, name=name) -> Path:
                     return write_shifted(p, name, root / name / f"{i:06d}_{p.stem}.png", key=p.stem)
 
-            views, ok = _views(paths, size, workers, f"views {name}", progress, render, sides)
-            probs = predictor.predict_views(views, tta=tta, batch_size=batch_size)
-            pred = probs.argmax(axis=1)
-            preds[name] = pred
-            res["shifts"][name] = {"description": desc, "view_ok": float(ok.mean()),
-                                   "metrics": compute_metrics(y, pred, probs)}
+            views, ok, rejects = _views(paths, size, workers, f"views {name}", progress, render, sides)
+            graded = np.ones(len(paths), bool)
+            graded[list(rejects)] = False
+            if not graded.any():
+                raise UserError(f"{name}: none of the {len(paths)} images gave a view "
+                                f"(first: {rejects[min(rejects)]})")
+            probs = predictor.predict_views(views[graded], tta=tta, batch_size=batch_size)
+            preds[name] = np.full(len(paths), -1)  # -1: no view, not graded
+            preds[name][graded] = probs.argmax(axis=1)
+            res["shifts"][name] = {"description": desc, "n": int(graded.sum()), "view_ok": float(ok.mean()),
+                                   "rejects": [rejects[i] for i in sorted(rejects)],
+                                   "metrics": compute_metrics(y[graded], preds[name][graded], probs)}
     if out is not None:
         write_robustness(out, res, df, preds)
     return res
@@ -109,7 +123,7 @@ def robustness_table(res: dict) -> pd.DataFrame:
     rows = []
     for name, r in res["shifts"].items():
         m = r["metrics"]
-        rows.append({"shift": name, "description": r["description"], "n": res["n"], "qwk": m["qwk"],
+        rows.append({"shift": name, "description": r["description"], "n": r.get("n", res["n"]), "qwk": m["qwk"],
                      "qwk_drop": clean - m["qwk"], "accuracy": m["accuracy"],
                      "adjacent_accuracy": m["adjacent_accuracy"], "mae": m["mae"], "view_ok": r["view_ok"]})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)

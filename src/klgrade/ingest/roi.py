@@ -43,6 +43,7 @@ WORK_MM = 1.0  # working pixel size for splitting a bilateral film (mm)
 # 0.14 mm films: factor 2, as a 224-px view reduced them before).
 LOCATE_MM = 0.3
 WORK_PX = 192  # long side of the working copy used for localisation
+MAX_GAP_SHARE = 0.4  # the dark gap between a bilateral film's legs spans at most this share of its width
 GAP_SIGMAS = (1.2, 1.8, 2.7, 4.0)  # joint-space widths tried (work px, Gaussian sigma)
 MIN_GAP_SCORE = 0.004  # below: no joint-space-like band at all ...
 # ... unless the band is faint but unmistakable: low-contrast films (and wide framings, where the
@@ -346,8 +347,19 @@ def is_bilateral(img: np.ndarray) -> bool:
     left, right = col[int(0.05 * gw): int(0.45 * gw)].max(), col[int(0.55 * gw): int(0.95 * gw)].max()
     valley = col[int(0.35 * gw): int(0.65 * gw)].min()
     lo, spread = float(col.min()), max(float(col.max() - col.min()), 1e-6)
-    # two bright legs and, between them, a gap nearly as dark as the darkest column (air)
-    return bool(min(left, right) - valley > 0.5 * spread and valley - lo < 0.3 * spread)
+    # two bright legs and, between them, a gap nearly as dark as the darkest column (air) ...
+    if not (min(left, right) - valley > 0.5 * spread and valley - lo < 0.3 * spread):
+        return False
+    # ... and narrower than a knee: a wide crop of one knee in inverted grey levels (a dark knee
+    # between bright margins) has the same profile, with the "gap" spanning most of the frame
+    dark = col < 0.5 * (valley + min(left, right))
+    i = int(0.35 * gw) + int(np.argmin(col[int(0.35 * gw): int(0.65 * gw)]))
+    a, b = i, i
+    while a > 0 and dark[a - 1]:
+        a -= 1
+    while b < gw - 1 and dark[b + 1]:
+        b += 1
+    return b - a + 1 <= MAX_GAP_SHARE * gw
 
 
 def _closer_look(img: np.ndarray, j: _Joint, spacing_known: bool) -> _Joint:
