@@ -11,7 +11,7 @@
 #   efficientnet_lite2_ft      Lite2 fine-tuned at 260 px, 12 epochs (step 'lite2ft')
 #   efficientnet_lite0_ft256_nosite  the 10-epoch 256-px recipe without site-shift augmentation (step 'ft256nosite')
 #   efficientnet_lite0_ft256_16ep_seed1  the 16-epoch recipe again with seed 1 (step 'ft256long_s1'): run-to-run spread
-#   efficientnet_lite0_ft320   the recipe at 320 px (the 224-px crops upsampled), 12 epochs (step 'ft320')
+#   efficientnet_lite0_ft320   the recipe at 320 px (the 224-px crops upsampled), 8 epochs (step 'ft320')
 #   efficientnet_lite0_scratch Lite0, same recipe, --weights none               what pretraining buys
 #   resnet18 (RESNET18_RUN)    ResNet18 from scratch, the default recipe (an existing run dir)
 #   lite0_frozen_{mlp,linear,xgboost}, lite2_frozen_mlp   frozen ImageNet embeddings + head (approach 3)
@@ -108,8 +108,8 @@ step() {
     # the same recipe with another seed (head init, batch order, augmentation draws): the spread
     # between two runs of one recipe, against which every recipe difference above is read
     ft256long_s1) train efficientnet_lite0_ft256_16ep_seed1 efficientnet_lite0 auto --img-size 256 --epochs 16 --seed 1 ;;
-    # finer feature maps for small osteophytes: 320 px (10 x 10 final map vs 8 x 8), 12 epochs (~5 min/epoch here)
-    ft320) train efficientnet_lite0_ft320 efficientnet_lite0 auto --img-size 320 --epochs 12 ;;
+    # finer feature maps for small osteophytes: 320 px (10 x 10 final map vs 7 x 7 at 224), 8 epochs like step ft (~5 min/epoch here)
+    ft320) train efficientnet_lite0_ft320 efficientnet_lite0 auto --img-size 320 --epochs 8 ;;
     # Lite2 at its own input size (260 px), 12 epochs, bf16 + channels-last (~5 min/epoch here)
     lite2ft) train efficientnet_lite2_ft efficientnet_lite2 auto --img-size 260 --epochs 12 ;;
     # the 10-epoch 256-px recipe (step ft256) without the site-shift augmentation: what robustness costs in distribution
