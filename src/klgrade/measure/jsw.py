@@ -7,8 +7,9 @@ spans ``WORK_W`` px; there, per compartment:
 1. the joint space is the darkest connected path across the compartment (a minimum-cost path,
    ``skimage.graph.MCP``, one row up or down per column);
 2. the femoral condyle margin is the strongest bright-to-dark step (vertical Gaussian derivative)
-   above that path, the tibial plateau margin the strongest dark-to-bright step below it, refined
-   to sub-pixel and median-filtered along the compartment;
+   above that path, the tibial plateau margin the plateau's floor below it (the farthest strong
+   dark-to-bright step, see TIBIA_FLOOR), refined to sub-pixel and median-filtered along the
+   compartment;
 3. JSW(x) = tibial - femoral margin (vertical), the minimum over the compartment and the mean
    over its central band. With a pixel spacing the values are in mm; without, in percent of the
    plateau width (``unit``), which compares knees of any framing.
