@@ -123,7 +123,7 @@ def robustness_table(res: dict) -> pd.DataFrame:
     rows = []
     for name, r in res["shifts"].items():
         m = r["metrics"]
-        rows.append({"shift": name, "description": r["description"], "n": r.get("n", res["n"]), "qwk": m["qwk"],
+        rows.append({"shift": name, "description": r["description"], "n": r["n"], "qwk": m["qwk"],
                      "qwk_drop": clean - m["qwk"], "accuracy": m["accuracy"],
                      "adjacent_accuracy": m["adjacent_accuracy"], "mae": m["mae"], "view_ok": r["view_ok"]})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)

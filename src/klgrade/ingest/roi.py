@@ -345,21 +345,16 @@ def is_bilateral(img: np.ndarray) -> bool:
     gh, gw = g.shape
     col = ndimage.gaussian_filter1d(g[int(0.2 * gh): int(0.8 * gh)].mean(axis=0), max(1.0, gw / 60))
     left, right = col[int(0.05 * gw): int(0.45 * gw)].max(), col[int(0.55 * gw): int(0.95 * gw)].max()
-    valley = col[int(0.35 * gw): int(0.65 * gw)].min()
+    i = int(0.35 * gw) + int(np.argmin(col[int(0.35 * gw): int(0.65 * gw)]))
+    valley = col[i]
     lo, spread = float(col.min()), max(float(col.max() - col.min()), 1e-6)
     # two bright legs and, between them, a gap nearly as dark as the darkest column (air) ...
     if not (min(left, right) - valley > 0.5 * spread and valley - lo < 0.3 * spread):
         return False
     # ... and narrower than a knee: a wide crop of one knee in inverted grey levels (a dark knee
     # between bright margins) has the same profile, with the "gap" spanning most of the frame
-    dark = col < 0.5 * (valley + min(left, right))
-    i = int(0.35 * gw) + int(np.argmin(col[int(0.35 * gw): int(0.65 * gw)]))
-    a, b = i, i
-    while a > 0 and dark[a - 1]:
-        a -= 1
-    while b < gw - 1 and dark[b + 1]:
-        b += 1
-    return b - a + 1 <= MAX_GAP_SHARE * gw
+    runs, _ = ndimage.label(col < 0.5 * (valley + min(left, right)))
+    return int(np.count_nonzero(runs == runs[i])) <= MAX_GAP_SHARE * gw
 
 
 def _closer_look(img: np.ndarray, j: _Joint, spacing_known: bool) -> _Joint:

@@ -200,9 +200,12 @@ def _edges(dy: np.ndarray, path: np.ndarray, cols: np.ndarray, reach: int, sign:
     vals = sign * dy[rows, cols[None, :]]
     k = np.argmax(vals, axis=0)
     if sign > 0:
-        below = np.pad(vals, ((1, 1), (0, 0)), constant_values=-np.inf)
-        peak = (vals >= below[:-2]) & (vals >= below[2:]) & (vals >= TIBIA_FLOOR * vals[k, np.arange(len(cols))])
-        k = np.where(peak, steps, -1).max(axis=0)  # the strongest step is a peak: never -1
+        strongest = vals[k, np.arange(len(cols))]
+        near = np.pad(vals, ((1, 1), (0, 0)), constant_values=-np.inf)
+        # the threshold never exceeds the strongest step (a column with no rising step at all has a
+        # negative one), so the strongest is always among the peaks
+        peak = (vals >= near[:-2]) & (vals >= near[2:]) & (vals >= np.minimum(strongest, TIBIA_FLOOR * strongest))
+        k = np.where(peak, steps, -1).max(axis=0)
     r = rows[k, np.arange(len(cols))]
     a, b, c = (sign * dy[r - 1, cols], sign * dy[r, cols], sign * dy[r + 1, cols])
     den = a - 2 * b + c
