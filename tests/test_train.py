@@ -69,8 +69,15 @@ def test_recipe_is_the_starting_point_and_flags_override_it(synth_png, tmp_path,
                  "--weights", "none", "--img-size", "32", "--epochs", "1", "--batch-size", "16",
                  "--out", str(out)]) == 0
     saved = io.read_yaml(out / "config.yaml")
-    assert {k: saved[k] for k in RECIPES["finetune"] if k != "epochs"} == \
+
+    def at(d, key):  # 'augment.site.noise' style keys
+        for part in key.split("."):
+            d = d[part]
+        return d
+
+    assert {k: at(saved, k) for k in RECIPES["finetune"] if k != "epochs"} == \
         {k: v for k, v in RECIPES["finetune"].items() if k != "epochs"}
+    assert saved["augment"]["site"]["noise_grain"] == 1.0  # nested recipe keys reach the saved config
     assert saved["epochs"] == 1 and saved["layer_decay"] == 0.8  # the flag wins over the recipe
     # a settings file's keys override the recipe, nested sections key by key
     f = tmp_path / "no_site.yaml"

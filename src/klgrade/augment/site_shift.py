@@ -272,26 +272,12 @@ class SiteShiftAugment:
         return self._apply(x, on, fn)
 
     def blur(self, x, g):
-        import torch
-        import torch.nn.functional as F
-
         c, (n, _, h, w) = self.cfg, x.shape
         on = self._on(n, c.p_blur, g)
         sig = self._u(n, 0.3, c.blur_px, g) * (max(h, w) / 224.0) * on
         if not on.any():
             return x
-        r = int(math.ceil(3 * float(sig.max())))
-        ax = torch.arange(-r, r + 1, dtype=torch.float32)
-
-        def fn(xs, idx):
-            m = len(idx)
-            k = torch.exp(-0.5 * (ax[None] / sig[idx].clamp_min(1e-3)[:, None]) ** 2)
-            k = to_device(k / k.sum(1, keepdim=True), x)  # (m, K)
-            y = F.pad(xs.transpose(0, 1), (r, r, r, r), mode="replicate")  # (1,m,H,W): a group per image
-            y = F.conv2d(y, k.view(m, 1, 1, -1), groups=m)
-            y = F.conv2d(y, k.view(m, 1, -1, 1), groups=m)
-            return y.transpose(0, 1)
-        return self._apply(x, on, fn)
+        return self._apply(x, on, lambda xs, idx: _gaussian_each(xs, sig[idx]))
 
     def texture(self, x, g):
         import torch
@@ -317,15 +303,37 @@ class SiteShiftAugment:
     def noise(self, x, g):
         import torch
 
-        c, n = self.cfg, x.shape[0]
+        c, (n, _, h, w) = self.cfg, x.shape
         on = self._on(n, c.p_noise, g)
         if not on.any():
             return x
         sig = to_device(self._u(n, 0, c.noise, g).view(n, 1, 1, 1), x)
+        # grain drawn only when asked for, so configs without it keep their random stream
+        grain = self._u(n, 0, c.noise_grain, g) * (max(h, w) / 224.0) if c.noise_grain > 0 else None
         # a device generator seeded from the CPU one: reproducible, and no full-size CPU->GPU copy
         dev_gen = torch.Generator(device=x.device).manual_seed(int(torch.randint(2**62, (1,), generator=g)))
 
         def fn(xs, idx):
             eps = torch.randn(xs.shape, generator=dev_gen, device=x.device, dtype=x.dtype)
+            if grain is not None:  # correlated grain, rescaled to unit variance per image
+                eps = _gaussian_each(eps, grain[idx])
+                eps = eps / eps.flatten(1).std(1).clamp_min(1e-6).view(-1, 1, 1, 1)
             return xs + sig[to_device(idx, x)] * torch.sqrt(0.25 + xs.clamp(0, 1)) * eps
         return self._apply(x, on, fn)
+
+
+def _gaussian_each(xs, sig):
+    """Gaussian blur of each image of ``xs`` (m,1,H,W) with its own sigma ``sig`` (m,) in px
+    (a CPU tensor; ~0 leaves the image as it is), edges replicated."""
+    import torch
+    import torch.nn.functional as F
+
+    m = len(sig)
+    r = max(1, int(math.ceil(3 * float(sig.max()))))
+    ax = torch.arange(-r, r + 1, dtype=torch.float32)
+    k = torch.exp(-0.5 * (ax[None] / sig.clamp_min(1e-3)[:, None]) ** 2)
+    k = to_device(k / k.sum(1, keepdim=True), xs)  # (m, K)
+    y = F.pad(xs.transpose(0, 1), (r, r, r, r), mode="replicate")  # (1,m,H,W): a group per image
+    y = F.conv2d(y, k.view(m, 1, 1, -1), groups=m)
+    y = F.conv2d(y, k.view(m, 1, -1, 1), groups=m)
+    return y.transpose(0, 1)
