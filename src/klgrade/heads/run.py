@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from klgrade import io
@@ -122,22 +123,12 @@ def predict_views(run: str | Path | HeadModel, views: np.ndarray, batch_size: in
     return model.predict_views(views, batch_size=batch_size)
 
 
-def fit_head(embeddings: str | Path, data: str | Path, out: str | Path, cfg: HeadConfig | None = None,
-             name: str | None = None, overwrite: bool = False) -> dict:
-    """Fit a head on store ``embeddings`` with the labels/splits of dataset ``data``; write run ``out``.
-
-    Returns {split: metrics} for the splits predicted (val, and test when the manifest has one).
-    """
-    from klgrade.embed.store import open_store
+def _split_parts(data: str | Path, cfg: HeadConfig) -> tuple[dict[str, pd.DataFrame], str]:
+    """The manifest's train/val/test rows (val: the manifest's, else a patient-level hold-out of
+    train) and where val came from."""
     from klgrade.ingest.manifest import read_manifest
     from klgrade.ingest.splits import holdout_split
 
-    cfg = cfg or HeadConfig()
-    get_head(cfg.head).check_available()  # an unknown head or a missing extra fails before any work
-    out = Path(out)
-    if (out / "config.yaml").exists() and not overwrite:
-        raise RunError(f"{out}: already holds a run; choose another --out (or --overwrite)")
-    store = open_store(embeddings)
     df = read_manifest(data)
     root = df.attrs["root"]
     df = df[df["split"] != ""].copy()
@@ -150,6 +141,24 @@ def fit_head(embeddings: str | Path, data: str | Path, out: str | Path, cfg: Hea
         p.attrs["root"] = root
     if parts["train"].empty or parts["val"].empty:
         raise RunError(f"{data}: need train and val images (train {len(parts['train'])}, val {len(parts['val'])})")
+    return parts, val_source
+
+
+def fit_head(embeddings: str | Path, data: str | Path, out: str | Path, cfg: HeadConfig | None = None,
+             name: str | None = None, overwrite: bool = False) -> dict:
+    """Fit a head on store ``embeddings`` with the labels/splits of dataset ``data``; write run ``out``.
+
+    Returns {split: metrics} for the splits predicted (val, and test when the manifest has one).
+    """
+    from klgrade.embed.store import open_store
+
+    cfg = cfg or HeadConfig()
+    get_head(cfg.head).check_available()  # an unknown head or a missing extra fails before any work
+    out = Path(out)
+    if (out / "config.yaml").exists() and not overwrite:
+        raise RunError(f"{out}: already holds a run; choose another --out (or --overwrite)")
+    store = open_store(embeddings)
+    parts, val_source = _split_parts(data, cfg)
     X = {s: store.vectors_for(p, data) for s, p in parts.items() if len(p)}
     y = {s: p["klg"].to_numpy(dtype=np.int64) for s, p in parts.items() if len(p)}
     mean = X["train"].mean(0)

@@ -84,6 +84,23 @@ def render_knee(
     return np.clip(img, 0, 1).astype(np.float32), (float(centre[0]), float(centre[1]))
 
 
+def _place_knees(ar: dict, al: dict, rng: np.random.Generator, width_mm: float,
+                 height_mm: float) -> tuple[dict, dict]:
+    """Each leg's soft-tissue half-width and knee centre (x, y) in mm on the film. Legs side by side
+    with a 5-45 mm gap between the skins (knee centres ~130-190 mm apart); on a narrow detector the
+    knees move together but stay >= 60 mm from the outer edges (a 140 mm crop may then run a little
+    off the film, as with tight real framing)."""
+    legs = {"R": ar["soft_tissue_mm"] * ar["scale"], "L": al["soft_tissue_mm"] * al["scale"]}
+    sep = legs["R"] + legs["L"] + rng.uniform(5.0, 45.0)
+    sep = float(np.clip(sep, 115.0, max(115.0, width_mm - 120.0)))
+    slack_x = max(0.0, (width_mm - sep) / 2 - 72.0)
+    slack_y = max(0.0, height_mm / 2 - 75.0)
+    mid_x = width_mm / 2 + rng.uniform(-1, 1) * min(slack_x, 0.04 * width_mm)
+    mid_y = height_mm / 2 + rng.uniform(-1, 1) * min(slack_y, 0.06 * height_mm)
+    return legs, {"R": (mid_x - sep / 2, mid_y + rng.normal(0, 2.0)),
+                  "L": (mid_x + sep / 2, mid_y + rng.normal(0, 2.0))}
+
+
 def render_bilateral(
     klg_right: int,
     klg_left: int,
@@ -109,19 +126,7 @@ def render_bilateral(
     # Work on a coarse grid (~0.4 mm/px, about the crop resolution pipelines use) and upsample.
     px = max(spacing_mm, 0.4)
     ch, cw = int(np.ceil(rows * spacing_mm / px)), int(np.ceil(cols * spacing_mm / px))
-    width_mm, height_mm = cols * spacing_mm, rows * spacing_mm
-    # Legs side by side with a 5-45 mm gap between the skins (knee centres ~130-190 mm apart).
-    # On a narrow detector the knees move together, but stay >= 60 mm from the outer edges
-    # (a 140 mm crop may then run a little off the film, as with tight real framing).
-    legs = {"R": ar["soft_tissue_mm"] * ar["scale"], "L": al["soft_tissue_mm"] * al["scale"]}
-    sep = legs["R"] + legs["L"] + rng.uniform(5.0, 45.0)
-    sep = float(np.clip(sep, 115.0, max(115.0, width_mm - 120.0)))
-    slack_x = max(0.0, (width_mm - sep) / 2 - 72.0)
-    slack_y = max(0.0, height_mm / 2 - 75.0)
-    mid_x = width_mm / 2 + rng.uniform(-1, 1) * min(slack_x, 0.04 * width_mm)
-    mid_y = height_mm / 2 + rng.uniform(-1, 1) * min(slack_y, 0.06 * height_mm)
-    centres_mm = {"R": (mid_x - sep / 2, mid_y + rng.normal(0, 2.0)),
-                  "L": (mid_x + sep / 2, mid_y + rng.normal(0, 2.0))}
+    legs, centres_mm = _place_knees(ar, al, rng, cols * spacing_mm, rows * spacing_mm)
     xs = (np.arange(cw, dtype=np.float32) + 0.5) * px
     ys = (np.arange(ch, dtype=np.float32) + 0.5) * px
     att = np.zeros((ch, cw), np.float32)
@@ -201,8 +206,7 @@ def bilateral_dataset(
     none (``"both"``/``"none"``) to let tests exercise the readers' fall-backs. The patient fields
     are fake and distinctive so tests can check they never leak.
     """
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     if pixels.ndim != 2:
         raise ValueError(f"pixels must be 2-D, got shape {pixels.shape}")
@@ -216,11 +220,7 @@ def bilateral_dataset(
         return generate_uid(entropy_srcs=None if entropy is None else entropy + [tag])
 
     sop_uid = uid("sop")
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_uid
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds = _file_dataset(sop_class, sop_uid)
     attrs = {
         "SOPClassUID": sop_class, "SOPInstanceUID": sop_uid, "StudyInstanceUID": uid("study"),
         "SeriesInstanceUID": uid("series"), "Modality": modality, "StudyDate": study_date,
@@ -237,6 +237,18 @@ def bilateral_dataset(
         setattr(ds, keyword, value)
     _set_image(ds, pixels, photometric, bits_stored, spacing_mm, spacing_tag, rescale, window)
     return ds
+
+
+def _file_dataset(sop_class: str, sop_uid: str):
+    """An empty Part-10 dataset (Explicit VR Little Endian) with its file meta."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
 
 
 def _set_image(ds, pixels: np.ndarray, photometric: str, bits_stored: int, spacing_mm, spacing_tag: str,

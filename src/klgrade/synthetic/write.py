@@ -153,30 +153,15 @@ def write_dicom_tree(
         fake_name, fake_id, birth, base = _identity(seed, pid)
         date = (base + _dt.timedelta(days=int(round(v * 30.44)) + int(rng.integers(-20, 21)))).strftime("%Y%m%d")
         r, lft = by_key[(pid, v, "R")], by_key[(pid, v, "L")]
-        spacing = float(np.round(rng.uniform(*spacing_range), 4))
-        photometric = "MONOCHROME1" if is_m1[j] else "MONOCHROME2"
-        modality = "CR" if is_cr[j] else "DX"
-        spacing_tag = "PixelSpacing" if is_ps[j] else ("both" if rng.uniform() < 0.3 else "ImagerPixelSpacing")
-        rescale, vrange = [((1.0, 0.0), 3950.0), ((2.0, 0.0), 7900.0), ((1.0, -1024.0), 3000.0)][
-            int(rng.choice(3, p=[0.6, 0.2, 0.2]))]
-        img, tr = render_bilateral(int(r.klg), int(lft.klg), rng, spacing_mm=spacing, shape=shape,
-                                   anatomy_right={k: getattr(r, k) for k in ANATOMY_KEYS},
-                                   anatomy_left={k: getattr(lft, k) for k in ANATOMY_KEYS})
-        stored = to_stored(img, photometric, 12, rescale, vrange)
-        barcode = f"016{next(nb):05d}"
-        folder = f"{_oai_series_folder(v)}/{pid}/{date}/{barcode}"
+        film, vrange = _film_settings(rng, spacing_range, shape, is_m1[j], is_cr[j], is_ps[j])
+        film.update(barcode=f"016{next(nb):05d}", dicom_patient_name=fake_name, dicom_patient_id=fake_id,
+                    dicom_birth_date=birth)
+        folder = f"{_oai_series_folder(v)}/{pid}/{date}/{film['barcode']}"
         rel = f"{_release_dir(v)}/{folder}/001"
-        ds = bilateral_dataset(stored, spacing, photometric, modality=modality, rescale=rescale,
-                               spacing_tag=spacing_tag, patient_name=fake_name, patient_id=fake_id,
-                               birth_date=birth, study_date=date, participant_id=pid, barcode=barcode,
-                               uid_seed=f"{seed}-{pid}-{v}")
-        save_dataset(ds, out / rel)
-        contents[v].append({"Folder": folder, "ParticipantID": pid, "StudyDate": date, "Barcode": barcode,
-                            "StudyDescription": "OAI knee x-ray", "SeriesDescription": KNEE_SERIES})
-        film = {"spacing_mm": spacing, "photometric": photometric,
-                "modality": modality, "spacing_tag": spacing_tag, "rescale_slope": rescale[0],
-                "rescale_intercept": rescale[1], "rows": shape[0], "cols": shape[1], "barcode": barcode,
-                "dicom_patient_name": fake_name, "dicom_patient_id": fake_id, "dicom_birth_date": birth}
+        tr = _write_film(out / rel, rng, r, lft, film, vrange, date, f"{seed}-{pid}-{v}")
+        contents[v].append({"Folder": folder, "ParticipantID": pid,
+                            "StudyDate": date, "Barcode": film["barcode"], "StudyDescription": "OAI knee x-ray",
+                            "SeriesDescription": KNEE_SERIES})
         for k, (side, row) in enumerate((("R", r), ("L", lft))):
             knee_truth, knee_labels = _knee_rows(rel, pid, v, side, row, tr[side], film, bool(is_missing[2 * j + k]),
                                                  bool(is_dup[2 * j + k]), rng)
@@ -186,6 +171,35 @@ def write_dicom_tree(
             contents[v].append(_other_series(out, rng, f"016{next(nb):05d}", pid, v, film, date, seed,
                                              other_series_shape))
     return _write_tables(out, visits, contents, labels, truth)
+
+
+def _film_settings(rng, spacing_range, shape, monochrome1: bool, cr: bool,
+                   pixelspacing_only: bool) -> tuple[dict, float]:
+    """One film's acquisition (spacing, photometric, modality, spacing tag, rescale: drawn in this
+    order) and the stored value range."""
+    spacing = float(np.round(rng.uniform(*spacing_range), 4))
+    spacing_tag = "PixelSpacing" if pixelspacing_only else ("both" if rng.uniform() < 0.3 else "ImagerPixelSpacing")
+    rescale, vrange = [((1.0, 0.0), 3950.0), ((2.0, 0.0), 7900.0), ((1.0, -1024.0), 3000.0)][
+        int(rng.choice(3, p=[0.6, 0.2, 0.2]))]
+    return {"spacing_mm": spacing, "photometric": "MONOCHROME1" if monochrome1 else "MONOCHROME2",
+            "modality": "CR" if cr else "DX", "spacing_tag": spacing_tag, "rescale_slope": rescale[0],
+            "rescale_intercept": rescale[1], "rows": shape[0], "cols": shape[1]}, vrange
+
+
+def _write_film(path: Path, rng, right, left, film: dict, vrange: float, date: str, uid_seed: str) -> dict:
+    """Render one bilateral film and write it at ``path``; returns the knees' truth per side."""
+    img, tr = render_bilateral(int(right.klg), int(left.klg), rng, spacing_mm=film["spacing_mm"],
+                               shape=(film["rows"], film["cols"]),
+                               anatomy_right={k: getattr(right, k) for k in ANATOMY_KEYS},
+                               anatomy_left={k: getattr(left, k) for k in ANATOMY_KEYS})
+    rescale = (film["rescale_slope"], film["rescale_intercept"])
+    stored = to_stored(img, film["photometric"], 12, rescale, vrange)
+    ds = bilateral_dataset(stored, film["spacing_mm"], film["photometric"], modality=film["modality"],
+                           rescale=rescale, spacing_tag=film["spacing_tag"], patient_name=film["dicom_patient_name"],
+                           patient_id=film["dicom_patient_id"], birth_date=film["dicom_birth_date"], study_date=date,
+                           participant_id=right.patient_id, barcode=film["barcode"], uid_seed=uid_seed)
+    save_dataset(ds, path)
+    return tr
 
 
 def _knee_rows(rel: str, pid, v: int, side: str, row, centre, film: dict, missing: bool, duplicate: bool,
