@@ -127,7 +127,7 @@ class TrainConfig:
 # built-in default; "finetune" is the recipe measured best for ImageNet-pretrained backbones on
 # kneeKL224 (README, "The study's answer"): the new head learns at 1e-3 while layer-wise decay 0.8
 # keeps the stem's features, half an epoch of warm-up, dropout before the head, 16 epochs. Its noise
-# augmentation covers a film's noise as the view passes it on (sigma ~0.047, grainy; docs/robustness.md):
+# augmentation covers a film's noise as the view passes it on (sigma ~0.052, grainy; docs/robustness.md):
 # the ImageNet-initialised network lost 0.065 QWK under that noise with the scratch ranges.
 RECIPES: dict[str, dict[str, Any]] = {
     "scratch": {},

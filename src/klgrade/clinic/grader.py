@@ -234,20 +234,20 @@ def knees_from_file(path: str | Path, img_size: int, display: str | None = None,
                     jsw: bool = True) -> tuple[str, list[Knee]]:
     """The knees of a file as klgrade.view.entrance.film_knees makes them (the views every command
     uses), each with its joint space width measured when ``jsw``. Raises ClinicError (ViewError)."""
-    # each knee is measured by the worker that made its view: the two knees' measurements run side by side
-    return film_knees(path, img_size, display, then=_measure if jsw else None)
+    layout, knees = film_knees(path, img_size, display)
+    if jsw:
+        for k in knees:
+            if k.view is not None:
+                k.jsw = _measure(k)
+    return layout, knees
 
 
-def _measure(k: Knee) -> None:
-    """Set ``k.jsw`` for a knee that has a view (from the located joint; a reason when it was not)."""
-    if k.view is None:
-        return
+def _measure(k: Knee):
     from klgrade.measure.jsw import failed
 
     img, spacing, view_side = k.source
     if not k.info.ok:
-        k.jsw = failed(f"joint not located: {k.info.reason}", "mm" if spacing else "%plateau")
-        return
+        return failed(f"joint not located: {k.info.reason}", "mm" if spacing else "%plateau")
     from klgrade.measure import measure_knee
 
-    k.jsw = measure_knee(img, spacing, view_side, info=k.info)
+    return measure_knee(img, spacing, view_side, info=k.info)

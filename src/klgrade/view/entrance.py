@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -95,14 +94,12 @@ def read_film(path: str | Path, display: str | None = None) -> Film:
 
 
 def film_knees(path: str | Path, size: int, display: str | None = None,
-               sides: tuple[str, ...] = ("R", "L"), then: Callable[[Knee], None] | None = None,
-               ) -> tuple[str, list[Knee]]:
+               sides: tuple[str, ...] = ("R", "L")) -> tuple[str, list[Knee]]:
     """Read an image file and make the view of each knee in it: (layout, knees).
 
     A bilateral film gives the knees of ``sides`` (default: right, then left); anything else one
-    knee, whose side comes from the DICOM's (Image)Laterality when present. ``then(knee)`` runs on
-    each knee right after its view, in the same worker (e.g. a measurement). Raises ViewError
-    naming ``display`` (default: the path).
+    knee, whose side comes from the DICOM's (Image)Laterality when present. Raises ViewError naming
+    ``display`` (default: the path).
     """
     import cv2
 
@@ -118,19 +115,13 @@ def film_knees(path: str | Path, size: int, display: str | None = None,
             # The two knees' views are independent and mostly GIL-free (OpenCV, NumPy): make them
             # in parallel, which takes their cost off the critical path on an idle machine.
             return "bilateral", list(_view_pool().map(
-                lambda side: _then(_knee(img, spacing, side, size, factor, cut), then), sides))
+                lambda side: _knee(img, spacing, side, size, factor, cut), sides))
         side = laterality or "U"
         if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
             img = np.ascontiguousarray(img[:, ::-1])
-        return "unilateral", [_then(_knee(img, spacing, side, size, factor, joint=joint), then)]
+        return "unilateral", [_knee(img, spacing, side, size, factor, joint=joint)]
     except (ValueError, ArithmeticError, IndexError, cv2.error) as e:  # degenerate images (flat, tiny)
         raise ViewError(f"{display or path}: cannot make a knee view ({type(e).__name__}: {e})") from e
-
-
-def _then(knee: Knee, then: Callable[[Knee], None] | None) -> Knee:
-    if then is not None:
-        then(knee)
-    return knee
 
 
 def view_file(path: str | Path, size: int, side: str | None = None) -> tuple[np.ndarray, ViewInfo]:
