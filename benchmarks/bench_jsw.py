@@ -58,7 +58,7 @@ def synthetic(n_films: int, seed: int) -> dict:
             img, _ = syn.render_bilateral(kr, kl, rng, spacing_mm=sp, anatomy_right=ar, anatomy_left=al)
             path = Path(tmp) / f"{i}.dcm"
             syn.save_dataset(syn.bilateral_dataset(syn.to_stored(img, phot), sp, phot, uid_seed=i), path)
-            pix, spacing = read(path)
+            pix, spacing, _ = read(path)
             for side, k, a in (("R", kr, ar), ("L", kl, al)):
                 truth = syn.true_jsw(k, a)
                 _, info = canonical_view(pix, 32, spacing_mm=spacing, side=side)
@@ -111,7 +111,7 @@ def kneekl224(root: Path, per_grade: int | None, seed: int) -> dict:
     import pandas as pd
     from tqdm import tqdm
 
-    from klgrade.ingest.images import read_image
+    from klgrade.ingest.images import read_image_stated
     from klgrade.measure import measure_knee
     from klgrade.measure.files import laterality_from_name
 
@@ -124,14 +124,17 @@ def kneekl224(root: Path, per_grade: int | None, seed: int) -> dict:
     rows = []
     for split, g, p in tqdm(files, desc="kneeKL224"):
         # the crops keep the film's orientation; the file name says which knee (medial side)
-        r = measure_knee(read_image(p), laterality=laterality_from_name(p))
-        rows.append({"split": split, "klg": g, "file": p.name, "medial": r.medial.min, "lateral": r.lateral.min,
+        stated = read_image_stated(p)  # bone-dark crops are read inverted (klgrade.ingest.polarity)
+        r = measure_knee(stated.pixels, laterality=laterality_from_name(p))
+        rows.append({"split": split, "klg": g, "file": p.name, "inverted": stated.inverted,
+                     "medial": r.medial.min, "lateral": r.lateral.min,
                      "medial_flag": r.medial.flag, "medial_side": r.medial_side, "ok": r.ok})
     df = pd.DataFrame(rows)
     _boxplot(df[np.isfinite(df["medial"].astype(float))], RESULTS / "jsw_kneekl224_box.png")
     right = np.where(df["file"].str[-5] == "R", "right", "left")
     return {"unit": "%plateau", "development_split": "train (2,000 random crops); val untouched until the final run",
             "medial_side_from": "file name (L/R), crops in film orientation",
+            "read_inverted": int(df["inverted"].sum()),
             **_construct(df), "by_split": {s: _construct(d) for s, d in df.groupby("split")},
             "secondary": _narrowest(df),
             "medial_side_right_share": round(float((df["medial_side"] == "right").mean()), 4),

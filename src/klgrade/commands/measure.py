@@ -59,6 +59,7 @@ def run(args) -> int:
     from klgrade.ingest.dicom import DicomError
     from klgrade.ingest.images import ImageReadError
     from klgrade.ingest.manifest import write_rejects
+    from klgrade.ingest.polarity import NOTE as POLARITY_NOTE
     from klgrade.measure.files import measure_image, read
     from klgrade.measure.overlay import contact_sheet, label
 
@@ -70,7 +71,7 @@ def run(args) -> int:
     rows, rejects, tiles, caps = [], [], [], []
     for image_id, path, klg, side in tqdm(_inputs(data), desc="measure", unit="image"):
         try:
-            img, spacing = read(path, args.mm_per_px)
+            img, spacing, inverted = read(path, args.mm_per_px)
             # the knee's side tells which compartment is medial in a single-knee image (a bilateral
             # film's halves know theirs)
             knees = measure_image(img, spacing, overlays=len(tiles) < args.sheet, laterality=side)
@@ -78,6 +79,8 @@ def run(args) -> int:
             rejects.append({"path": str(path), "reason": str(e)})
             continue
         for k in knees:
+            if inverted:
+                k.jsw.note = "; ".join(filter(None, [POLARITY_NOTE, k.jsw.note]))
             kid = image_id if len(knees) == 1 else f"{image_id}_{k.side}"
             rows.append({"image_id": kid, "side": k.side, **({"klg": klg} if klg is not None else {}),
                          **k.jsw.row()})

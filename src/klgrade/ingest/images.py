@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from struct import error as struct_error
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -68,20 +69,30 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read an image as a 2-D float32 array in [0, 1] (grayscale, full bit depth kept).
 
     RGB files are accepted when the channels are equal (grayscale stored as RGB); real colour is
-    refused. DICOM goes through klgrade.ingest.dicom (LUTs, MONOCHROME1, spacing).
+    refused. DICOM goes through klgrade.ingest.dicom (LUTs, MONOCHROME1, spacing); other files
+    stored with bone dark are inverted (``read_image_stated``).
     """
     return read_image_stated(path)[0]
 
 
-def read_image_stated(path: str | Path) -> tuple[np.ndarray, object, tuple[float, float] | None]:
+class StatedImage(NamedTuple):
+    pixels: np.ndarray  # 2-D float32 [0, 1], bone bright
+    spacing: float | None  # mm/px when the file states it
+    joint: tuple[float, float] | None  # the joint centre a prepared crop states (px)
+    inverted: bool = False  # stored with bone dark and no polarity stated: read inverted
+
+
+def read_image_stated(path: str | Path) -> StatedImage:
     """``read_image``, the pixel spacing in mm when the file states one (a DICOM's, or a prepared
-    crop's ``SPACING_KEY``) and the joint centre a prepared crop states (``JOINT_KEY``); else None."""
+    crop's ``SPACING_KEY``) and the joint centre a prepared crop states (``JOINT_KEY``); else None.
+    A file without a stated polarity (not DICOM) whose bone is dark is read inverted
+    (klgrade.ingest.polarity) and says so."""
     path = Path(path)
     if is_dicom(path):
         from klgrade.ingest.dicom import read_radiograph
 
         rad = read_radiograph(path)
-        return rad.pixels, rad.spacing_mm, None
+        return StatedImage(rad.pixels, rad.spacing_mm, None)
     try:
         with Image.open(path) as im:
             problem = size_problem(*im.size)  # from the header: nothing decoded yet
@@ -100,7 +111,13 @@ def read_image_stated(path: str | Path) -> tuple[np.ndarray, object, tuple[float
         if isinstance(e, ImageReadError):
             raise
         raise ImageReadError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
-    return to_gray_float(arr, mode, path), spacing, joint
+    from klgrade.ingest.polarity import stored_inverted
+
+    pixels = to_gray_float(arr, mode, path)
+    inverted = stored_inverted(pixels)
+    if inverted:
+        np.subtract(1.0, pixels, out=pixels)
+    return StatedImage(pixels, spacing, joint, inverted)
 
 
 def _stated_geometry(im: Image.Image, path: Path) -> tuple[float | None, tuple[float, float] | None]:

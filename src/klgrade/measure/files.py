@@ -19,16 +19,14 @@ class KneeJSW:
     overlay: np.ndarray | None = None  # RGB uint8 tile, canonical orientation, lines drawn
 
 
-def read(path: str | Path, mm_per_px: float | None = None) -> tuple[np.ndarray, object]:
-    """(image, spacing): DICOM spacing from the header; other images ``mm_per_px`` (None =
-    unknown). Raises ImageReadError/DicomError (naming the file) for an unreadable one."""
-    from klgrade.ingest.dicom import read_radiograph
-    from klgrade.ingest.images import is_dicom, read_image
+def read(path: str | Path, mm_per_px: float | None = None) -> tuple[np.ndarray, object, bool]:
+    """(image, spacing, read inverted?): DICOM spacing from the header; other images
+    ``mm_per_px`` (None = unknown), bone-dark ones inverted (klgrade.ingest.polarity). Raises
+    ImageReadError/DicomError (naming the file) for an unreadable one."""
+    from klgrade.ingest.images import is_dicom, read_image_stated
 
-    if is_dicom(path):
-        rad = read_radiograph(path)
-        return rad.pixels, rad.spacing_mm
-    return read_image(path), mm_per_px
+    stated = read_image_stated(path)
+    return stated.pixels, stated.spacing if is_dicom(path) else mm_per_px, stated.inverted
 
 
 def laterality_from_name(path: str | Path) -> str | None:

@@ -16,7 +16,7 @@ from klgrade import io
 from klgrade.ingest.manifest import ManifestError
 from klgrade.view.entrance import load_view
 
-CACHE_VERSION = 7  # 2: canonical view replaced the centre crop; 3: faint joint lines accepted;
+CACHE_VERSION = 8  # 2: canonical view replaced the centre crop; 3: faint joint lines accepted;
 # 4: joint-line dominance measured against rows beyond the line's own filter reach;
 # 5: intensity statistics from the joint-centred STATS_BOX instead of the whole frame;
 # 6: one entrance (view.entrance): DICOM films reduced first, the manifest's knee of a bilateral
@@ -24,6 +24,8 @@ CACHE_VERSION = 7  # 2: canonical view replaced the centre crop; 3: faint joint 
 # 7: one locator (ingest.roi) for ingest and view; with a pixel spacing the closer look is tighter
 #    and centred on both bone bands (DICOM films only: crops without spacing are byte-identical,
 #    benchmarks/check_view_identity.py on 600 kneeKL224 crops)
+# 8: PNG/JPEG/TIFF files stored bone-dark are read inverted (klgrade.ingest.polarity): 84 kneeKL224
+#    crops; every other view is unchanged
 
 
 def _cache_key(paths: Sequence[Path], size: int, sides: Sequence[str]) -> str:

@@ -66,6 +66,7 @@ class Film(NamedTuple):
     spacing: object  # mm/px (float or (row, col)) or None
     laterality: str  # 'R', 'L' or ''
     joint: tuple[float, float] | None = None  # the joint centre a prepared crop states (px)
+    inverted: bool = False  # stored with bone dark (no polarity stated): read inverted
 
 
 def read_film(path: str | Path, display: str | None = None) -> Film:
@@ -85,8 +86,8 @@ def read_film(path: str | Path, display: str | None = None) -> Film:
             # Laterality is technical (which knee), not identifying; nothing else is read.
             lat = str(ds.get("ImageLaterality", "") or ds.get("Laterality", "")).strip().upper()
             return Film(rad.pixels, rad.spacing_mm, lat if lat in ("R", "L") else "")
-        pixels, spacing, joint = read_image_stated(path)  # a prepared crop states spacing and joint
-        return Film(pixels, spacing, "", joint)
+        stated = read_image_stated(path)  # a prepared crop states spacing and joint
+        return Film(stated.pixels, stated.spacing, "", stated.joint, stated.inverted)
     except (DicomError, ImageReadError) as e:
         raise ViewError(_rename(str(e), path, name)) from e
     except (OSError, ValueError) as e:
@@ -103,25 +104,35 @@ def film_knees(path: str | Path, size: int, display: str | None = None,
     """
     import cv2
 
-    img, spacing, laterality, joint = read_film(path, display)
+    film = read_film(path, display)
     try:
-        img, spacing, factor = reduce_for_view(img, spacing, size)
-        if joint is not None:  # stated in the file's pixels: in the reduced image's
-            joint = ((joint[0] + 0.5) / factor - 0.5, (joint[1] + 0.5) / factor - 0.5)
-        if is_bilateral(img):
-            from klgrade.ingest.roi import split_legs
-
-            cut = split_legs(img, spacing)
-            # The two knees' views are independent and mostly GIL-free (OpenCV, NumPy): make them
-            # in parallel, which takes their cost off the critical path on an idle machine.
-            return "bilateral", list(_view_pool().map(
-                lambda side: _knee(img, spacing, side, size, factor, cut), sides))
-        side = laterality or "U"
-        if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
-            img = np.ascontiguousarray(img[:, ::-1])
-        return "unilateral", [_knee(img, spacing, side, size, factor, joint=joint)]
+        layout, knees = _film_views(film, size, sides)
     except (ValueError, ArithmeticError, IndexError, cv2.error) as e:  # degenerate images (flat, tiny)
         raise ViewError(f"{display or path}: cannot make a knee view ({type(e).__name__}: {e})") from e
+    if film.inverted:
+        from klgrade.ingest.polarity import NOTE
+
+        for k in knees:
+            k.note = "; ".join(filter(None, [NOTE, k.note]))
+    return layout, knees
+
+
+def _film_views(film: Film, size: int, sides: tuple[str, ...]) -> tuple[str, list[Knee]]:
+    img, spacing, laterality, joint, _ = film
+    img, spacing, factor = reduce_for_view(img, spacing, size)
+    if joint is not None:  # stated in the file's pixels: in the reduced image's
+        joint = ((joint[0] + 0.5) / factor - 0.5, (joint[1] + 0.5) / factor - 0.5)
+    if is_bilateral(img):
+        from klgrade.ingest.roi import split_legs
+
+        cut = split_legs(img, spacing)
+        # The two knees' views are independent and mostly GIL-free (OpenCV, NumPy): make them
+        # in parallel, which takes their cost off the critical path on an idle machine.
+        return "bilateral", list(_view_pool().map(lambda side: _knee(img, spacing, side, size, factor, cut), sides))
+    side = laterality or "U"
+    if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
+        img = np.ascontiguousarray(img[:, ::-1])
+    return "unilateral", [_knee(img, spacing, side, size, factor, joint=joint)]
 
 
 def view_file(path: str | Path, size: int, side: str | None = None) -> tuple[np.ndarray, ViewInfo]:
