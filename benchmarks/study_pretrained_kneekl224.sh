@@ -12,6 +12,7 @@
 #   efficientnet_lite0_ft256_nosite  the 10-epoch 256-px recipe without site-shift augmentation (step 'ft256nosite')
 #   efficientnet_lite0_ft256_16ep_seed1  the 16-epoch recipe again with seed 1 (step 'ft256long_s1'): run-to-run spread
 #   efficientnet_lite0_ft256_16ep_noise  the 16-epoch recipe with its grainy noise augmentation (step 'ft256noise')
+#   efficientnet_lite0_ft256_16ep_noise_seed1  the same with seed 1 (step 'ft256noise_s1')
 #   efficientnet_lite0_ft320   the recipe at 320 px (the 224-px crops upsampled), 8 epochs (step 'ft320')
 #   efficientnet_lite0_scratch Lite0, same recipe, --weights none               what pretraining buys
 #   efficientnet_lite0_scratch_own  Lite0, --weights none with the from-scratch recipe, 256 px x 16
@@ -74,6 +75,7 @@ compare() {
   for r in efficientnet_lite0_ft256_16ep:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs)" \
            efficientnet_lite0_ft256_16ep_seed1:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs; seed 1)" \
            efficientnet_lite0_ft256_16ep_noise:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs; grainy noise)" \
+           efficientnet_lite0_ft256_16ep_noise_seed1:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs; grainy noise; seed 1)" \
            efficientnet_lite0_ft320:"Lite0 fine-tuned (ImageNet; 320 px)" \
            efficientnet_lite2_ft:"Lite2 fine-tuned (ImageNet; 260 px)" \
            efficientnet_lite0_ft256_nosite:"Lite0 fine-tuned (ImageNet; 256 px; no site-shift)" \
@@ -87,7 +89,7 @@ compare() {
     [[ -f "$OUT/runs/${r%%:*}/metrics_test.json" ]] && runs+=("$OUT/runs/${r%%:*}") && names+=("${r#*:}")
   done
   if [[ -f "$SSL_RUN/predictions_test.csv" ]]; then runs+=("$SSL_RUN"); names+=("Lite0 knee-SSL frozen+MLP"); fi
-  if [[ -f "$RESNET18_RUN/predictions_test.csv" ]]; then runs+=("$RESNET18_RUN"); names+=("ResNet18 from scratch"); fi
+  if [[ -f "$RESNET18_RUN/predictions_test.csv" ]]; then runs+=("$RESNET18_RUN"); names+=("ResNet18 from scratch (view v7)"); fi
   if [[ ! -f "$OUT/runs/biomedclip_random_mlp/metrics_test.json" && -f "$BMC_RANDOM_RUN/predictions_test.csv" ]]; then
     runs+=("$BMC_RANDOM_RUN"); names+=("BioMedCLIP random-init+MLP (view v2)"); fi
   log "compare ${#runs[@]} runs on kneeKL224 val"
@@ -121,6 +123,8 @@ step() {
     # the recipe once its noise augmentation covered a film's noise as the view passes it on (sigma
     # up to 0.07, grain up to 1 px; the runs above predate that and keep it in their config.yaml)
     ft256noise) train efficientnet_lite0_ft256_16ep_noise efficientnet_lite0 auto --img-size 256 --epochs 16 ;;
+    # ... and with seed 1: the spread of the recipe klgrade ships
+    ft256noise_s1) train efficientnet_lite0_ft256_16ep_noise_seed1 efficientnet_lite0 auto --img-size 256 --epochs 16 --seed 1 ;;
     ft320) train efficientnet_lite0_ft320 efficientnet_lite0 auto --img-size 320 --epochs 8 ;;
     # Lite2 at its own input size (260 px), 12 epochs, bf16 + channels-last (~5 min/epoch here)
     lite2ft) train efficientnet_lite2_ft efficientnet_lite2 auto --img-size 260 --epochs 12 ;;
@@ -128,7 +132,7 @@ step() {
     ft256nosite) train efficientnet_lite0_ft256_nosite efficientnet_lite0 auto --img-size 256 --epochs 10 \
                    --config benchmarks/configs/no_site_shift.yaml ;;
     compare) compare ;;
-    *) echo "unknown step $1 (frozen lite2 random ft ft256 lite1ft ft256long lite2ft ft256nosite ft256long_s1 ft256noise ft320 scratch scratchown compare)"; exit 2 ;;
+    *) echo "unknown step $1 (frozen lite2 random ft ft256 lite1ft ft256long lite2ft ft256nosite ft256long_s1 ft256noise ft256noise_s1 ft320 scratch scratchown compare)"; exit 2 ;;
   esac
 }
 # Steps in order; on a 2-core CPU two chains in parallel (one thread each) finish sooner, e.g.

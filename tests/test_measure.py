@@ -97,13 +97,17 @@ def test_truth_and_command(tmp_path, film):
     d = tmp_path / "imgs"
     d.mkdir()
     crop = img[150:750, 0:575]  # the right knee alone, as a PNG (no spacing)
-    Image.fromarray((crop * 255).astype(np.uint8)).save(d / "knee.png")
+    stored = (crop * 255).astype(np.uint8)
+    Image.fromarray(stored).save(d / "knee.png")
+    Image.fromarray(255 - stored).save(d / "knee_bone_dark.png")  # a MONOCHROME1 export: read inverted
     (d / "broken.png").write_bytes(b"not a png")
     assert main(["measure", "--data", str(d), "--out", str(tmp_path / "out"), "--sheet", "4"]) == 0
-    df = pd.read_csv(tmp_path / "out" / "jsw.csv")
+    df = pd.read_csv(tmp_path / "out" / "jsw.csv").set_index("image_id", drop=False)
     assert list(df.columns[:8]) == ["image_id", "side", "medial_min_mm", "lateral_min_mm", "medial_mean_mm",
                                     "lateral_mean_mm", "unit", "ok"]
-    assert df.loc[0, "image_id"] == "knee" and df.loc[0, "unit"] == "%plateau" and bool(df.loc[0, "ok"])
+    assert df.loc["knee", "unit"] == "%plateau" and bool(df.loc["knee", "ok"])
+    assert df.loc["knee_bone_dark", "medial_min_mm"] == pytest.approx(df.loc["knee", "medial_min_mm"], abs=0.05)
+    assert "read inverted" in df.loc["knee_bone_dark", "note"] and "inverted" not in df.loc["knee", "note"]
     rej = pd.read_csv(tmp_path / "out" / "rejects.csv")
     assert "broken.png" in rej.loc[0, "path"] and "not a readable image" in rej.loc[0, "reason"]
     assert (tmp_path / "out" / "contact_sheet.png").stat().st_size > 1000

@@ -80,7 +80,7 @@ def run(args) -> int:
             continue
         for k in knees:
             if inverted:
-                k.jsw.note = "; ".join(filter(None, [POLARITY_NOTE, k.jsw.note]))
+                k.jsw.note = "; ".join(filter(None, [k.jsw.note, POLARITY_NOTE]))
             kid = image_id if len(knees) == 1 else f"{image_id}_{k.side}"
             rows.append({"image_id": kid, "side": k.side, **({"klg": klg} if klg is not None else {}),
                          **k.jsw.row()})

@@ -113,7 +113,7 @@ def film_knees(path: str | Path, size: int, display: str | None = None,
         from klgrade.ingest.polarity import NOTE
 
         for k in knees:
-            k.note = "; ".join(filter(None, [NOTE, k.note]))
+            k.note = "; ".join(filter(None, [k.note, NOTE]))  # after the view's own: pacs reads how it starts
     return layout, knees
 
 
