@@ -35,6 +35,11 @@ def test_an_inverted_png_is_read_upright_and_gives_the_upright_view(tmp_path):
         assert NOTE in ki.note and NOTE not in ku.note
 
 
+def test_a_large_image_is_decided_on_a_sample_of_its_pixels():
+    img, _ = render_knee(2, np.random.default_rng(5), size_px=1400, fov_mm=160)  # decided every 2nd px
+    assert not stored_inverted(img) and stored_inverted(1.0 - img)
+
+
 def test_upright_images_keep_their_grey_levels(tmp_path):
     rng = np.random.default_rng(1)
     films = [render_bilateral(int(rng.integers(0, 5)), int(rng.integers(0, 5)), rng, spacing_mm=0.5,
