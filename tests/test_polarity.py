@@ -46,6 +46,9 @@ def test_upright_images_keep_their_grey_levels(tmp_path):
                               shape=(400, 512))[0] for _ in range(3)]
     for img in _knees(8, seed=2) + films:
         assert not stored_inverted(img)
+    # framed tight on the legs, a two-leg film's middle is the dark gap between them: its layout decides
+    legs = films[0][60:340, 40:472]
+    assert edge_contrast(legs) < -0.1 and not stored_inverted(legs)
     # a collimator's blank white bands at the edges of an upright knee say nothing of the anatomy
     for img in _knees(4, seed=3):
         banded = img.copy()
