@@ -7,6 +7,11 @@ selected on), then applies them unchanged to the reported split (``predictions_t
 reported split is never used for fitting. An analysis, not a klgrade feature: predict and evaluate
 grade by argmax.
 
+Would the hold-out choose cut-points? Fitted and scored on the same hold-out they always win, so
+``holdout_crossfit_gain`` scores them out of sample within it: the hold-out's patients split in two
+halves, cut-points fitted on one half and scored against argmax on the other, both ways, over
+``REPEATS`` random splits (mean and SD of the QWK gain).
+
     .venv/bin/python benchmarks/decision_cuts.py RUN [RUN ...] [--json out.json]
 
 A run without hold-out predictions gets them first with
@@ -42,6 +47,25 @@ def fit_cuts(y: np.ndarray, expected: np.ndarray, rounds: int = 5) -> np.ndarray
     return np.sort(cuts)
 
 
+REPEATS = 10
+
+
+def crossfit_gain(run: Path, seed: int = 0) -> tuple[float, float]:
+    """Mean and SD of the QWK gain of cut-points over argmax, fitted on one half of the hold-out's
+    patients and scored on the other (both ways, REPEATS random halvings)."""
+    d = pd.read_csv(run / "predictions_val.csv")
+    y, p = d["klg"].to_numpy(int), d[[f"p{k}" for k in range(N_GRADES)]].to_numpy(float)
+    expected, patients = p @ np.arange(N_GRADES), d["patient_id"].astype(str)
+    rng, gains = np.random.default_rng(seed), []
+    for _ in range(REPEATS):
+        ids = patients.unique()
+        first = patients.isin(rng.permutation(ids)[: len(ids) // 2]).to_numpy()
+        for fit, score in ((first, ~first), (~first, first)):
+            cuts = fit_cuts(y[fit], expected[fit], rounds=3)
+            gains.append(qwk(y[score], np.digitize(expected[score], cuts)) - qwk(y[score], p[score].argmax(1)))
+    return float(np.mean(gains)), float(np.std(gains))
+
+
 def analyse(run: Path) -> dict:
     yv, pv = _load(run, "val")
     yt, pt = _load(run, "test")
@@ -50,6 +74,7 @@ def analyse(run: Path) -> dict:
     return {"run": run.name, "holdout_n": len(yv), "test_n": len(yt), "cuts": [round(float(c), 3) for c in cuts],
             "holdout_qwk_argmax": round(qwk(yv, pv.argmax(1)), 4),
             "holdout_qwk_cuts": round(qwk(yv, np.digitize(pv @ grades, cuts)), 4),
+            "holdout_crossfit_gain": [round(v, 4) for v in crossfit_gain(run)],
             "test_qwk_argmax": round(qwk(yt, pt.argmax(1)), 4),
             "test_qwk_cuts": round(qwk(yt, np.digitize(pt @ grades, cuts)), 4)}
 
@@ -67,7 +92,8 @@ def main() -> None:
         rows.append(analyse(run))
         r = rows[-1]
         print(f"{r['run']:32s} test QWK argmax {r['test_qwk_argmax']:.4f}  cuts {r['test_qwk_cuts']:.4f}  "
-              f"(hold-out {r['holdout_qwk_argmax']:.4f} -> {r['holdout_qwk_cuts']:.4f}; cuts {r['cuts']})")
+              f"(hold-out {r['holdout_qwk_argmax']:.4f} -> {r['holdout_qwk_cuts']:.4f}, cross-fitted gain "
+              f"{r['holdout_crossfit_gain'][0]:+.4f} +- {r['holdout_crossfit_gain'][1]:.4f}; cuts {r['cuts']})")
     if a.json:
         a.json.write_text(json.dumps(rows, indent=2) + "\n")
 
