@@ -58,7 +58,7 @@ def synthetic(n_films: int, seed: int) -> dict:
             img, _ = syn.render_bilateral(kr, kl, rng, spacing_mm=sp, anatomy_right=ar, anatomy_left=al)
             path = Path(tmp) / f"{i}.dcm"
             syn.save_dataset(syn.bilateral_dataset(syn.to_stored(img, phot), sp, phot, uid_seed=i), path)
-            pix, spacing, _ = read(path)
+            pix, spacing, *_ = read(path)
             for side, k, a in (("R", kr, ar), ("L", kl, al)):
                 truth = syn.true_jsw(k, a)
                 _, info = canonical_view(pix, 32, spacing_mm=spacing, side=side)

@@ -165,3 +165,38 @@ def test_laterality_of_a_single_knee_sets_the_medial_side(film):
     assert flipped.medial.min == pytest.approx(r.lateral.min) and flipped.lateral.min == pytest.approx(r.medial.min)
     assert [laterality_from_name(n) for n in ("9001695L.png", "9003126R.png", "knee.png", "xR.png")] == [
         "L", "R", None, None]
+
+
+def test_prepared_crops_measure_in_mm_like_their_film(synth_dicom, tmp_path):
+    """`prepare oai` crops state their spacing and joint: `measure` and `predict` read them in mm
+    (not relative units), with the medial side of the canonical orientation, and each crop reads
+    what its film reads for that knee. Before, measure ignored the stated spacing and predict's JSW
+    failed on the unlocated (stated) joint."""
+    import glob
+
+    import torch
+
+    from klgrade.cli import main
+    from klgrade.clinic.grader import Grader, knees_from_file
+    from klgrade.ingest.oai import prepare_oai
+
+    ds = tmp_path / "ds"
+    prepare_oai(synth_dicom, sorted(glob.glob(str(synth_dicom / "kxr_sq_bu*.txt"))), ds, progress=False)
+    assert main(["measure", "--data", str(ds), "--out", str(tmp_path / "out"), "--sheet", "0"]) == 0
+    jsw = pd.read_csv(tmp_path / "out" / "jsw.csv").set_index("image_id")
+    manifest = pd.read_csv(ds / "manifest.csv").set_index("image_id")
+    assert (jsw["unit"] == "mm").all() and (jsw["medial_side"] == "right").all()
+    assert jsw["ok"].mean() >= 0.9
+    film, rows = next(iter(manifest.groupby("dicom")))
+    _, knees = knees_from_file(synth_dicom / film, 64)
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5)).eval()
+    g = Grader(run_dir=tmp_path, kind="cnn", name="stub", model=model, img_size=64, mean=(0.5,) * 3,
+               std=(0.25,) * 3, device=torch.device("cpu"))
+    for k in knees:
+        crop_id = rows.index[rows["side"] == k.side][0]
+        for name in ("medial", "lateral"):
+            on_film = getattr(k.jsw, name).min
+            assert jsw.loc[crop_id, f"{name}_min_mm"] == pytest.approx(on_film, abs=0.3), (crop_id, name)
+        (predicted,) = g.predict_file(ds / manifest.loc[crop_id, "path"])["knees"]
+        assert predicted["jsw"]["unit"] == "mm" and predicted["jsw"]["medial_side"] == "right"
+        assert predicted["jsw"]["medial"]["min"] == pytest.approx(k.jsw.medial.min, abs=0.3)

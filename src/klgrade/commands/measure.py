@@ -7,8 +7,8 @@ Writes ``jsw.csv`` (one row per knee: image_id, side, medial_min_mm, lateral_min
 medial_mean_mm, lateral_mean_mm, unit, ok, medial_flag, lateral_flag, reason, note),
 ``rejects.csv`` (files that could not be read) and ``contact_sheet.png`` (overlays: femoral margin
 cyan, tibial margin yellow, minimum red). Values are in mm when the image has a pixel spacing
-(DICOM, or ``--mm-per-px`` for crops of known scale); otherwise ``unit`` is ``%plateau``: percent
-of the tibial plateau width. A collapsed compartment reads 0 with the flag ``bone_on_bone``.
+(DICOM, a `prepare oai` crop, which states its own, or ``--mm-per-px`` for other crops of known
+scale); otherwise ``unit`` is ``%plateau``: percent of the tibial plateau width. A collapsed compartment reads 0 with the flag ``bone_on_bone``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="dataset dir with manifest.csv, or a folder of images")
     p.add_argument("--out", required=True, help="output dir (jsw.csv, rejects.csv, contact_sheet.png)")
     p.add_argument("--mm-per-px", type=float, default=None,
-                   help="pixel size of PNG/JPEG images when known (DICOM files use their own spacing)")
+                   help="pixel size of PNG/JPEG images that state none (DICOM files and prepared crops use their own)")
     p.add_argument("--sheet", type=int, default=36, help="knees on the contact sheet (default 36; 0 = none)")
     p.set_defaults(func=run)
 
@@ -32,7 +32,7 @@ def _inputs(data):
     """[(image_id, path, klg or None, laterality or None)] from a manifest, else every image file under
     ``data``. The laterality comes from a file name like kneeKL224's ``9001695L.png`` (crops in film
     orientation), never from a manifest's ``side``: `prepare oai` crops are mirrored into the
-    canonical orientation, and there the fibular head decides."""
+    canonical orientation, which their stated joint tells (``read``)."""
     from klgrade.errors import UserError
     from klgrade.ingest.manifest import image_paths, manifest_path, read_manifest
     from klgrade.measure.files import laterality_from_name
@@ -71,10 +71,11 @@ def run(args) -> int:
     rows, rejects, tiles, caps = [], [], [], []
     for image_id, path, klg, side in tqdm(_inputs(data), desc="measure", unit="image"):
         try:
-            img, spacing, inverted = read(path, args.mm_per_px)
+            img, spacing, inverted, canonical = read(path, args.mm_per_px)
             # the knee's side tells which compartment is medial in a single-knee image (a bilateral
-            # film's halves know theirs)
-            knees = measure_image(img, spacing, overlays=len(tiles) < args.sheet, laterality=side)
+            # film's halves know theirs); a prepared crop is shown as a right knee
+            knees = measure_image(img, spacing, overlays=len(tiles) < args.sheet,
+                                  laterality="R" if canonical else side)
         except (ImageReadError, DicomError, OSError, ValueError) as e:
             rejects.append({"path": str(path), "reason": str(e)})
             continue

@@ -1,8 +1,10 @@
-"""Measure the knees of an image file: DICOM (pixel spacing -> mm) or PNG/JPEG (relative units)."""
+"""Measure the knees of an image file: in mm when it states its pixel spacing (DICOM, a `prepare oai`
+crop) or one is given, else in relative units."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -19,14 +21,22 @@ class KneeJSW:
     overlay: np.ndarray | None = None  # RGB uint8 tile, canonical orientation, lines drawn
 
 
-def read(path: str | Path, mm_per_px: float | None = None) -> tuple[np.ndarray, object, bool]:
-    """(image, spacing, read inverted?): DICOM spacing from the header; other images
-    ``mm_per_px`` (None = unknown), bone-dark ones inverted (klgrade.ingest.polarity). Raises
+class MeasuredFile(NamedTuple):
+    pixels: np.ndarray
+    spacing: object  # mm/px: the file's own (a DICOM's, a prepared crop's), else --mm-per-px, else None
+    inverted: bool  # bone-dark and read inverted (klgrade.ingest.polarity)
+    canonical: bool  # a prepared crop (it states its joint): canonical orientation, medial on the right
+
+
+def read(path: str | Path, mm_per_px: float | None = None) -> MeasuredFile:
+    """An image file to measure. The spacing a file states (DICOM header, a `prepare oai` crop's
+    text chunk) wins over ``mm_per_px``, which gives the scale of files that state none. Raises
     ImageReadError/DicomError (naming the file) for an unreadable one."""
-    from klgrade.ingest.images import is_dicom, read_image_stated
+    from klgrade.ingest.images import read_image_stated
 
     stated = read_image_stated(path)
-    return stated.pixels, stated.spacing if is_dicom(path) else mm_per_px, stated.inverted
+    spacing = stated.spacing if stated.spacing is not None else mm_per_px
+    return MeasuredFile(stated.pixels, spacing, stated.inverted, stated.joint is not None)
 
 
 def laterality_from_name(path: str | Path) -> str | None:

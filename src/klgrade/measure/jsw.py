@@ -293,13 +293,17 @@ def measure_knee(img: np.ndarray, spacing_mm=None, side: str | None = None, info
                  laterality: str | None = None) -> JSW:
     """JSW of one knee of ``img`` (2-D float, bone bright; what ``canonical_view`` takes, with the
     same ``spacing_mm`` and ``side``). ``info``: the knee's ``ViewInfo`` when already made (else it
-    is made here). ``laterality``: 'R'/'L', the patient's side of a single-knee image shown as on the
-    film (a right knee's medial side on the image right), e.g. from a kneeKL224 file name; without
-    it the fibular head decides. Never raises for a bad image: the result says why it could not measure."""
+    is made here; one framed on a prepared crop's stated joint is located again). ``laterality``:
+    'R'/'L', the patient's side of a single-knee image shown as on the film (a right knee's medial
+    side on the image right), e.g. from a kneeKL224 file name, or 'R' for a prepared crop (canonical
+    orientation); without it the fibular head decides. Never raises for a bad image: the result says why it could not measure."""
     spacing = _spacing(spacing_mm)
     unit = "mm" if spacing else "%plateau"
     img = np.asarray(img, np.float32)
-    info = _located(img, spacing_mm, side, info, unit)
+    # a prepared crop's view is framed on the joint it states, unlocated: locate it here for the plateau
+    # width; such crops are in the canonical orientation, a right knee's (medial on the image right)
+    canonical = bool(info is not None and info.joint_stated)
+    info = _located(img, spacing_mm, side, None if canonical else info, unit)
     if isinstance(info, JSW):
         return info
     width = float(info.width_px)
@@ -317,8 +321,8 @@ def measure_knee(img: np.ndarray, spacing_mm=None, side: str | None = None, info
     g = np.clip((roi - lo) / (hi - lo), 0, 1)
     if info.side in ("R", "L"):  # a bilateral film: lateral is the outer side of each knee
         medial_right, by_fibula = info.side == "R", True
-    elif laterality in ("R", "L"):  # film orientation: a right knee's medial side is on the image right
-        medial_right, by_fibula = laterality == "R", True
+    elif canonical or laterality in ("R", "L"):  # film orientation: a right knee's medial side on the image right
+        medial_right, by_fibula = canonical or laterality == "R", True  # a prepared crop shows a right knee
     else:  # a single knee of unknown orientation; unclipped, so the soft tissue beside the tibia counts
         medial_right, by_fibula = _medial_is_right((roi - lo) / (hi - lo), jrow, True)
     res = _compartments(g, jrow, medial_right, spacing * width / WORK_W if spacing else 100.0 / WORK_W, m)

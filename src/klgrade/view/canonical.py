@@ -75,6 +75,9 @@ class ViewInfo:
     width_px: float = float("nan")
     side: str = ""  # 'R'/'L' when taken from a bilateral film
     flipped: bool = False
+    # framed on the joint and spacing a prepared crop states (not located: width_px is unknown); such
+    # crops are in the canonical orientation (a left knee mirrored), so the medial side is known
+    joint_stated: bool = False
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -222,7 +225,8 @@ def canonical_view(img: np.ndarray, size: int, spacing_mm=None, side: str | None
         s = min(h, w)
         view, valid = _crop(img, (w - 1) / 2, (h - 1) / 2 - (0.5 - JOINT_ROW) * s, float(s), size)
     return standardise(view, valid, intensity, clahe), ViewInfo((float(cx), float(cy)), float(fov), src, ok,
-                                                                 reason, float(width))
+                                                                 reason, float(width),
+                                                                 joint_stated=joint is not None and spacing is not None)
 
 
 def reference_quantiles(views: np.ndarray, valids: np.ndarray | None = None) -> np.ndarray:
