@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -462,6 +463,10 @@ class Trainer:
             return results
         finally:
             if dist.enabled and torch.distributed.is_initialized():
+                # DDP's reducer holds the gloo group: drop the wrapper first so the group's threads are
+                # joined here, not at interpreter shutdown (a rare "terminate called" abort at exit)
+                self.model = unwrap(self.model)
+                gc.collect()
                 torch.distributed.destroy_process_group()
 
     def finish(self) -> dict:
