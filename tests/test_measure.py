@@ -200,3 +200,29 @@ def test_prepared_crops_measure_in_mm_like_their_film(synth_dicom, tmp_path):
         (predicted,) = g.predict_file(ds / manifest.loc[crop_id, "path"])["knees"]
         assert predicted["jsw"]["unit"] == "mm" and predicted["jsw"]["medial_side"] == "right"
         assert predicted["jsw"]["medial"]["min"] == pytest.approx(k.jsw.medial.min, abs=0.3)
+
+
+def test_predict_reads_the_medial_side_as_measure_does(film, tmp_path):
+    """A crop named like kneeKL224's (``…L.png``: a left knee as on the film) gets its medial side
+    from the name in `predict` as in `measure`, so the two report the same compartments. The same
+    pixels under both names: the name decides, not the drawn fibula (predict let the fibula decide)."""
+    import torch
+
+    from klgrade.cli import main
+    from klgrade.clinic.grader import Grader
+
+    img, _, _ = film
+    d = tmp_path / "crops"
+    d.mkdir()
+    stored = (img[150:750, 0:575] * 255).astype(np.uint8)  # the right knee, as on the film
+    for name in ("9001695R.png", "9001695L.png"):
+        Image.fromarray(stored).save(d / name)
+    assert main(["measure", "--data", str(d), "--out", str(tmp_path / "out"), "--sheet", "0"]) == 0
+    measured = pd.read_csv(tmp_path / "out" / "jsw.csv").set_index("image_id")
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5)).eval()
+    g = Grader(run_dir=tmp_path, kind="cnn", name="stub", model=model, img_size=64, mean=(0.5,) * 3,
+               std=(0.25,) * 3, device=torch.device("cpu"))
+    for stem, medial_side in (("9001695R", "right"), ("9001695L", "left")):
+        (knee,) = g.predict_file(d / f"{stem}.png")["knees"]
+        assert knee["jsw"]["medial_side"] == measured.loc[stem, "medial_side"] == medial_side
+        assert knee["jsw"]["medial"]["min"] == pytest.approx(measured.loc[stem, "medial_min_mm"], abs=1e-3)

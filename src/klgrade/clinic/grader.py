@@ -236,13 +236,20 @@ def knees_from_file(path: str | Path, img_size: int, display: str | None = None,
     uses), each with its joint space width measured when ``jsw``. Raises ClinicError (ViewError)."""
     layout, knees = film_knees(path, img_size, display)
     if jsw:
+        from klgrade.measure.files import laterality_from_name
+
+        named = laterality_from_name(display or path)
         for k in knees:
             if k.view is not None:
-                k.jsw = _measure(k)
+                k.jsw = _measure(k, named)
     return layout, knees
 
 
-def _measure(k: Knee):
+def _measure(k: Knee, named: str | None = None):
+    """The knee's JSW. Which side is medial, as `klgrade measure` decides it: a bilateral film's
+    half knows; a single knee of known side (DICOM laterality) is in the canonical orientation (a
+    left one mirrored); one of unknown side may say it in its file name (``named``, kneeKL224:
+    film orientation); else the fibular head decides."""
     from klgrade.measure.jsw import failed
 
     img, spacing, view_side = k.source
@@ -250,4 +257,5 @@ def _measure(k: Knee):
         return failed(f"joint not located: {k.info.reason}", "mm" if spacing else "%plateau")
     from klgrade.measure import measure_knee
 
-    return measure_knee(img, spacing, view_side, info=k.info)
+    laterality = None if view_side else "R" if k.side in ("R", "L") else named
+    return measure_knee(img, spacing, view_side, info=k.info, laterality=laterality)
