@@ -28,6 +28,11 @@ def test_robustness_command_writes_table(tiny_run, synth_png, tmp_path):
     assert table["shift"].tolist() == ["clean", "zoom_out_30", "gamma_1.6", "bit16"]
     assert (table["n"] == 16).all() and table["qwk_drop"].iloc[0] == 0
     assert table[["qwk", "accuracy", "adjacent_accuracy"]].notna().all().all()
+    preds = pd.read_csv(out / "predictions_robustness.csv")
+    for shift in ("zoom_out_30", "gamma_1.6", "bit16"):  # the mean change of each image's grade
+        moved = (preds[f"pred_{shift}"] - preds["pred_clean"]).mean()
+        assert table.set_index("shift").loc[shift, "grade_shift"] == pytest.approx(moved, abs=1e-4)
+    assert table["grade_shift"].iloc[0] == 0
     for ext in ("md", "json", "png"):
         assert (out / f"robustness.{ext}").stat().st_size > 0
     assert "| clean |" in (out / "robustness.md").read_text()

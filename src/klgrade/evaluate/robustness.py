@@ -25,8 +25,8 @@ from klgrade.errors import UserError
 from klgrade.evaluate.metrics import compute_metrics
 
 TARGET_DROP = 0.05  # issue 8: QWK may drop at most this much under any shift
-TABLE_COLUMNS = ["shift", "description", "n", "qwk", "qwk_drop", "accuracy", "adjacent_accuracy",
-                 "mae", "view_ok"]
+TABLE_COLUMNS = ["shift", "description", "n", "qwk", "qwk_drop", "grade_shift", "accuracy",
+                 "adjacent_accuracy", "mae", "view_ok"]
 
 
 def _views(paths: Sequence[Path], size: int, workers: int, desc: str, progress: bool,
@@ -111,30 +111,37 @@ def evaluate_robustness(run_dir: str | Path, data: str | Path, split: str = "tes
             res["shifts"][name] = {"description": desc, "n": int(graded.sum()), "view_ok": float(ok.mean()),
                                    "rejects": [rejects[i] for i in sorted(rejects)],
                                    "metrics": compute_metrics(y[graded], preds[name][graded], probs)}
+    for name, r in res["shifts"].items():  # which way a shift moves the grades (a drop does not say)
+        both = (preds[name] >= 0) & (preds["clean"] >= 0)
+        r["grade_shift"] = float(np.mean(preds[name][both] - preds["clean"][both])) if both.any() else float("nan")
     if out is not None:
         write_robustness(out, res, df, preds)
     return res
 
 
 def robustness_table(res: dict) -> pd.DataFrame:
-    """One row per condition (clean first): QWK, its drop from clean, accuracy, adjacent accuracy,
-    MAE and the share of images whose canonical view was established."""
+    """One row per condition (clean first): QWK, its drop from clean, the mean change of the predicted
+    grade against the clean image (negative: graded lower), accuracy, adjacent accuracy, MAE and the
+    share of images whose canonical view was established."""
     clean = res["shifts"]["clean"]["metrics"]["qwk"]
     rows = []
     for name, r in res["shifts"].items():
         m = r["metrics"]
         rows.append({"shift": name, "description": r["description"], "n": r["n"], "qwk": m["qwk"],
-                     "qwk_drop": clean - m["qwk"], "accuracy": m["accuracy"],
+                     "qwk_drop": clean - m["qwk"], "grade_shift": r.get("grade_shift", float("nan")),
+                     "accuracy": m["accuracy"],
                      "adjacent_accuracy": m["adjacent_accuracy"], "mae": m["mae"], "view_ok": r["view_ok"]})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS)
 
 
 def table_markdown(table: pd.DataFrame, digits: int = 3) -> str:
-    cols = ["shift", "QWK", "drop", "accuracy", "adjacent acc.", "MAE", "view ok", "what"]
-    lines = ["| " + " | ".join(cols) + " |", "|:---|" + "---:|" * 6 + ":---|"]
+    cols = ["shift", "QWK", "drop", "grade shift", "accuracy", "adjacent acc.", "MAE", "view ok", "what"]
+    lines = ["| " + " | ".join(cols) + " |", "|:---|" + "---:|" * 7 + ":---|"]
     for _, r in table.iterrows():
-        drop = "" if r["shift"] == "clean" else f"{r['qwk_drop']:+.{digits}f}"
-        lines.append(f"| {r['shift']} | {r['qwk']:.{digits}f} | {drop} | {r['accuracy']:.{digits}f} | "
+        clean = r["shift"] == "clean"
+        drop = "" if clean else f"{r['qwk_drop']:+.{digits}f}"
+        moved = "" if clean else f"{r['grade_shift']:+.{digits}f}"
+        lines.append(f"| {r['shift']} | {r['qwk']:.{digits}f} | {drop} | {moved} | {r['accuracy']:.{digits}f} | "
                      f"{r['adjacent_accuracy']:.{digits}f} | {r['mae']:.{digits}f} | {r['view_ok']:.0%} | "
                      f"{r['description']} |")
     return "\n".join(lines) + "\n"
