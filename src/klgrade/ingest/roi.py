@@ -213,7 +213,7 @@ class _Joint:
 def _joint_line(g: np.ndarray) -> tuple[int, int, float, float, float]:
     """Best joint-line row on a work image: (row, column of the peak, sigma, score, dominance)."""
     h, w = g.shape
-    best = (h // 2, w // 2, GAP_SIGMAS[0], 0.0, 0.0)
+    best, best_line = (h // 2, w // 2, GAP_SIGMAS[0], 0.0, 0.0), None
     for sig in GAP_SIGMAS:
         if 8 * sig > h / 2:
             break
@@ -232,8 +232,11 @@ def _joint_line(g: np.ndarray) -> tuple[int, int, float, float, float]:
         score[h - sh:] = 0
         line = cv2.blur(score, (max(3, w // 4), 1), borderType=cv2.BORDER_CONSTANT)  # along the rows, zero outside
         iy, ix = np.unravel_index(int(np.argmax(line)), line.shape)
-        if line[iy, ix] > best[3]:  # only the best scale's dominance is returned: skip the others'
-            best = (int(iy), int(ix), sig, float(line[iy, ix]), _dominance(line, iy, ix, sh, far))
+        if line[iy, ix] > best[3]:
+            best, best_line = (int(iy), int(ix), sig, float(line[iy, ix]), 0.0), (line, sh, far)
+    if best_line is not None:  # only the best scale's dominance is returned: computed for it alone
+        line, sh, far = best_line
+        best = (*best[:4], _dominance(line, best[0], best[1], sh, far))
     return best
 
 
