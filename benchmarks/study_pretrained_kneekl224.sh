@@ -13,7 +13,7 @@
 #   efficientnet_lite0_ft256_16ep_seed1  the 16-epoch recipe again with seed 1 (step 'ft256long_s1'): run-to-run spread
 #   efficientnet_lite0_ft256_16ep_noise  the 16-epoch recipe with its grainy noise augmentation (step 'ft256noise')
 #   efficientnet_lite0_ft256_16ep_noise_seed1  the same with seed 1 (step 'ft256noise_s1')
-#   efficientnet_lite0_ft256_16ep_noise_p07_seed1  seed 1 with noise in 70% of images (step 'ft256noise07_s1')
+#   efficientnet_lite0_ft256_16ep_noise_p07[_seed1]  noise in 70% of images, seeds 0 / 1 (steps 'ft256noise07', 'ft256noise07_s1')
 #   efficientnet_lite0_ft320   the recipe at 320 px (the 224-px crops upsampled), 8 epochs (step 'ft320')
 #   efficientnet_lite0_scratch Lite0, same recipe, --weights none               what pretraining buys
 #   efficientnet_lite0_scratch_own  Lite0, --weights none with the from-scratch recipe, 256 px x 16
@@ -77,6 +77,7 @@ compare() {
            efficientnet_lite0_ft256_16ep_seed1:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs; seed 1)" \
            efficientnet_lite0_ft256_16ep_noise:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs; grainy noise)" \
            efficientnet_lite0_ft256_16ep_noise_seed1:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs; grainy noise; seed 1)" \
+           efficientnet_lite0_ft256_16ep_noise_p07:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs; grainy noise p 0.7)" \
            efficientnet_lite0_ft256_16ep_noise_p07_seed1:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs; grainy noise p 0.7; seed 1)" \
            efficientnet_lite0_ft320:"Lite0 fine-tuned (ImageNet; 320 px)" \
            efficientnet_lite2_ft:"Lite2 fine-tuned (ImageNet; 260 px)" \
@@ -130,6 +131,8 @@ step() {
     # ... seed 1 again with noise drawn in 70% of images (it lost 0.064 under the noise shift with 40%)
     ft256noise07_s1) train efficientnet_lite0_ft256_16ep_noise_p07_seed1 efficientnet_lite0 auto --img-size 256 \
                        --epochs 16 --seed 1 --config benchmarks/configs/noise_p07.yaml ;;
+    ft256noise07) train efficientnet_lite0_ft256_16ep_noise_p07 efficientnet_lite0 auto --img-size 256 \
+                    --epochs 16 --config benchmarks/configs/noise_p07.yaml ;;
     ft320) train efficientnet_lite0_ft320 efficientnet_lite0 auto --img-size 320 --epochs 8 ;;
     # Lite2 at its own input size (260 px), 12 epochs, bf16 + channels-last (~5 min/epoch here)
     lite2ft) train efficientnet_lite2_ft efficientnet_lite2 auto --img-size 260 --epochs 12 ;;
@@ -137,7 +140,7 @@ step() {
     ft256nosite) train efficientnet_lite0_ft256_nosite efficientnet_lite0 auto --img-size 256 --epochs 10 \
                    --config benchmarks/configs/no_site_shift.yaml ;;
     compare) compare ;;
-    *) echo "unknown step $1 (frozen lite2 random ft ft256 lite1ft ft256long lite2ft ft256nosite ft256long_s1 ft256noise ft256noise_s1 ft256noise07_s1 ft320 scratch scratchown compare)"; exit 2 ;;
+    *) echo "unknown step $1 (frozen lite2 random ft ft256 lite1ft ft256long lite2ft ft256nosite ft256long_s1 ft256noise ft256noise_s1 ft256noise07 ft256noise07_s1 ft320 scratch scratchown compare)"; exit 2 ;;
   esac
 }
 # Steps in order; on a 2-core CPU two chains in parallel (one thread each) finish sooner, e.g.
