@@ -246,10 +246,10 @@ def knees_from_file(path: str | Path, img_size: int, display: str | None = None,
 
 
 def _measure(k: Knee, named: str | None = None):
-    """The knee's JSW. Which side is medial, as `klgrade measure` decides it: a bilateral film's
-    half knows; a single knee of known side (DICOM laterality) is in the canonical orientation (a
-    left one mirrored); one of unknown side may say it in its file name (``named``, kneeKL224:
-    film orientation); else the fibular head decides."""
+    """The knee's JSW. Which side is medial: a bilateral film's half knows; a single knee of known
+    side (DICOM laterality) is in the canonical orientation (a left one mirrored); a prepared crop
+    says so by its stated joint (``measure_knee``); one of unknown side may say it in its file name
+    (``named``, kneeKL224: film orientation, as `klgrade measure` reads it); else the fibula decides."""
     from klgrade.measure.jsw import failed
 
     img, spacing, view_side = k.source

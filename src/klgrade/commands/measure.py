@@ -71,11 +71,10 @@ def run(args) -> int:
     rows, rejects, tiles, caps = [], [], [], []
     for image_id, path, klg, side in tqdm(_inputs(data), desc="measure", unit="image"):
         try:
-            img, spacing, inverted, canonical = read(path, args.mm_per_px)
+            img, spacing, inverted, joint = read(path, args.mm_per_px)
             # the knee's side tells which compartment is medial in a single-knee image (a bilateral
-            # film's halves know theirs); a prepared crop is shown as a right knee
-            knees = measure_image(img, spacing, overlays=len(tiles) < args.sheet,
-                                  laterality="R" if canonical else side)
+            # film's halves know theirs, a prepared crop's stated joint says it is canonical)
+            knees = measure_image(img, spacing, overlays=len(tiles) < args.sheet, laterality=side, joint=joint)
         except (ImageReadError, DicomError, OSError, ValueError) as e:
             rejects.append({"path": str(path), "reason": str(e)})
             continue

@@ -25,7 +25,7 @@ class MeasuredFile(NamedTuple):
     pixels: np.ndarray
     spacing: object  # mm/px: the file's own (a DICOM's, a prepared crop's), else --mm-per-px, else None
     inverted: bool  # bone-dark and read inverted (klgrade.ingest.polarity)
-    canonical: bool  # a prepared crop (it states its joint): canonical orientation, medial on the right
+    joint: tuple[float, float] | None  # the joint centre a prepared crop states (canonical orientation)
 
 
 def read(path: str | Path, mm_per_px: float | None = None) -> MeasuredFile:
@@ -36,7 +36,7 @@ def read(path: str | Path, mm_per_px: float | None = None) -> MeasuredFile:
 
     stated = read_image_stated(path)
     spacing = stated.spacing if stated.spacing is not None else mm_per_px
-    return MeasuredFile(stated.pixels, spacing, stated.inverted, stated.joint is not None)
+    return MeasuredFile(stated.pixels, spacing, stated.inverted, stated.joint)
 
 
 def laterality_from_name(path: str | Path) -> str | None:
@@ -46,16 +46,17 @@ def laterality_from_name(path: str | Path) -> str | None:
 
 
 def measure_image(img: np.ndarray, spacing=None, overlays: bool = False,
-                  laterality: str | None = None) -> list[KneeJSW]:
+                  laterality: str | None = None, joint: tuple[float, float] | None = None) -> list[KneeJSW]:
     """Every knee of ``img``: both of a bilateral film (patient's right first), else the one.
-    ``laterality``: 'R'/'L' of a single-knee image in film orientation (see ``measure_knee``)."""
+    ``laterality``: 'R'/'L' of a single-knee image in film orientation (see ``measure_knee``);
+    ``joint``: the centre a prepared crop states, which frames its view as it frames predict's."""
     from klgrade.view.canonical import canonical_view, is_bilateral
 
     sides = ("R", "L") if is_bilateral(img) else (None,)
     out = []
     for side in sides:
         try:
-            view, info = canonical_view(img, TILE, spacing_mm=spacing, side=side)
+            view, info = canonical_view(img, TILE, spacing_mm=spacing, side=side, joint=joint)
         except (ValueError, ArithmeticError) as e:  # degenerate images the view refuses
             out.append(KneeJSW(side or "U", failed(f"no knee view ({e})", "mm" if spacing else "%plateau")))
             continue
