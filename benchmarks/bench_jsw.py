@@ -4,7 +4,8 @@
     python benchmarks/bench_jsw.py kneekl224                  # construct validity on real crops
 
 synthetic: full-size bilateral DICOM films (2000x2560, 0.1-0.2 mm/px, MONOCHROME1/2 alternating,
-KL 0-4 drawn uniformly per knee) written to a temp dir and read back through the DICOM reader;
+KL 0-4 drawn uniformly per knee) written to a temp dir and read back as `klgrade measure` and
+predict read them (the view entrance; JSW on the film reduced as prepare oai locates it);
 medial/lateral minimum JSW vs ``synthetic.true_jsw``. Speed: the measurement of one knee given its
 joint geometry (what predict adds to the view it already makes), one thread.
 kneekl224: medial minimum JSW (percent of plateau width: the crops have no spacing; medial side
@@ -41,9 +42,8 @@ def synthetic(n_films: int, seed: int) -> dict:
     from tqdm import tqdm
 
     from klgrade import synthetic as syn
-    from klgrade.measure import measure_knee
-    from klgrade.measure.files import read
-    from klgrade.view.canonical import canonical_view
+    from klgrade.measure.files import MEASURE_PX, _measure
+    from klgrade.view.entrance import film_knees
 
     cv2.setNumThreads(1)
     rng = np.random.default_rng(seed)
@@ -58,12 +58,11 @@ def synthetic(n_films: int, seed: int) -> dict:
             img, _ = syn.render_bilateral(kr, kl, rng, spacing_mm=sp, anatomy_right=ar, anatomy_left=al)
             path = Path(tmp) / f"{i}.dcm"
             syn.save_dataset(syn.bilateral_dataset(syn.to_stored(img, phot), sp, phot, uid_seed=i), path)
-            pix, spacing, *_ = read(path)
-            for side, k, a in (("R", kr, ar), ("L", kl, al)):
+            _, knees = film_knees(path, MEASURE_PX)  # the knees `klgrade measure` and predict measure
+            for knee, (side, k, a) in zip(knees, (("R", kr, ar), ("L", kl, al))):
                 truth = syn.true_jsw(k, a)
-                _, info = canonical_view(pix, 32, spacing_mm=spacing, side=side)
                 t0 = time.perf_counter()
-                r = measure_knee(pix, spacing, side, info=info)
+                r = _measure(knee)
                 times.append(time.perf_counter() - t0)
                 rows.append({"film": i, "side": side, "klg": k, "spacing": sp, "photometric": phot,
                              "true_medial": truth["jsw_medial_mm"], "true_lateral": truth["jsw_lateral_mm"],
@@ -111,9 +110,8 @@ def kneekl224(root: Path, per_grade: int | None, seed: int) -> dict:
     import pandas as pd
     from tqdm import tqdm
 
-    from klgrade.ingest.images import read_image_stated
-    from klgrade.measure import measure_knee
-    from klgrade.measure.files import laterality_from_name
+    from klgrade.ingest.polarity import NOTE as POLARITY_NOTE
+    from klgrade.measure.files import MEASURE_PX, knees_from_file
 
     files = [(split, int(p.parent.name), p) for split in ("train", "val")
              for p in sorted((root / split).glob("[0-4]/*.png"))]
@@ -123,10 +121,11 @@ def kneekl224(root: Path, per_grade: int | None, seed: int) -> dict:
         files = [by[g][i] for g in range(5) for i in rng.permutation(len(by[g]))[:per_grade]]
     rows = []
     for split, g, p in tqdm(files, desc="kneeKL224"):
-        # the crops keep the film's orientation; the file name says which knee (medial side)
-        stated = read_image_stated(p)  # bone-dark crops are read inverted (klgrade.ingest.polarity)
-        r = measure_knee(stated.pixels, laterality=laterality_from_name(p))
-        rows.append({"split": split, "klg": g, "file": p.name, "inverted": stated.inverted,
+        # as `klgrade measure` reads them: the crops keep the film's orientation, the file name says
+        # which knee (medial side); bone-dark crops are read inverted (klgrade.ingest.polarity)
+        (knee,) = knees_from_file(p, MEASURE_PX)[1]
+        r = knee.jsw
+        rows.append({"split": split, "klg": g, "file": p.name, "inverted": POLARITY_NOTE in knee.note,
                      "medial": r.medial.min, "lateral": r.lateral.min,
                      "medial_flag": r.medial.flag, "medial_side": r.medial_side, "ok": r.ok})
     df = pd.DataFrame(rows)

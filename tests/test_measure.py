@@ -226,3 +226,35 @@ def test_predict_reads_the_medial_side_as_measure_does(film, tmp_path):
         (knee,) = g.predict_file(d / f"{stem}.png")["knees"]
         assert knee["jsw"]["medial_side"] == measured.loc[stem, "medial_side"] == medial_side
         assert knee["jsw"]["medial"]["min"] == pytest.approx(measured.loc[stem, "medial_min_mm"], abs=1e-3)
+
+
+def test_measure_and_predict_give_a_film_the_same_jsw(tmp_path):
+    """One film, one set of numbers: `klgrade measure` and predict (with a small or a large view,
+    which is cut from finer pixels) measure each knee on the same array. Before, measure read the
+    film at full resolution and predict at the view's: the same knee differed by up to 0.05 mm."""
+    import torch
+
+    from klgrade.cli import main
+    from klgrade.clinic.grader import Grader
+    from klgrade.measure.files import knees_from_file
+
+    img, _ = syn.render_bilateral(2, 3, np.random.default_rng(0), spacing_mm=0.14, shape=(2000, 2560))
+    d = tmp_path / "films"
+    d.mkdir()
+    syn.save_dataset(syn.bilateral_dataset(syn.to_stored(img), 0.14), d / "film.dcm")
+    assert main(["measure", "--data", str(d), "--out", str(tmp_path / "out"), "--sheet", "0"]) == 0
+    measured = pd.read_csv(tmp_path / "out" / "jsw.csv").set_index("image_id")
+    assert (measured["unit"] == "mm").all() and measured["ok"].all()
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5)).eval()
+    for size, at_locate_scale in ((64, True), (320, False)):  # 320 px: a view finer than the 2x-reduced film
+        _, knees = knees_from_file(d / "film.dcm", size)
+        assert all(k.at_locate_scale == at_locate_scale for k in knees)
+        g = Grader(run_dir=tmp_path, kind="cnn", name="stub", model=model, img_size=size, mean=(0.5,) * 3,
+                   std=(0.25,) * 3, device=torch.device("cpu"))
+        result = g.predict_file(d / "film.dcm", include_view=True)
+        for k, r in zip(knees, result["knees"]):
+            assert r["jsw_view"].startswith("data:image/png")
+            for name in ("medial", "lateral"):
+                row = measured.loc[f"film_{k.side}"]
+                assert getattr(k.jsw, name).min == pytest.approx(row[f"{name}_min_mm"], abs=1e-3), (size, k.side)
+                assert r["jsw"][name]["min"] == pytest.approx(row[f"{name}_min_mm"], abs=1e-3)

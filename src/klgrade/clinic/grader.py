@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from klgrade.grades import GRADES
+from klgrade.measure.files import knees_from_file
 from klgrade.rundir import RunError
-from klgrade.view.entrance import SIDE_NAMES, Knee, ViewError, film_knees
+from klgrade.view.entrance import SIDE_NAMES, Knee, ViewError
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,9 @@ class Grader:
                 if k.jsw is not None and k.info is not None and (k.jsw.medial.ok or k.jsw.lateral.ok):
                     from klgrade.measure.overlay import draw
 
-                    r["jsw_view"] = data_url(png_bytes(unflip(k, draw(canon, k.jsw, k.info))))
+                    m = k.measured_on or k  # the knee the JSW's points refer to
+                    r["jsw_view"] = data_url(png_bytes(unflip(k, draw(canon if m is k else display_view(m),
+                                                                       k.jsw, m.info))))
             if heatmaps:
                 if cams is not None:
                     cam = unflip(k, resize_map(cams[i], disp.shape))
@@ -228,34 +231,3 @@ def data_url(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
-# ---------------------------------------------------------------------- files -> knees
-
-def knees_from_file(path: str | Path, img_size: int, display: str | None = None,
-                    jsw: bool = True) -> tuple[str, list[Knee]]:
-    """The knees of a file as klgrade.view.entrance.film_knees makes them (the views every command
-    uses), each with its joint space width measured when ``jsw``. Raises ClinicError (ViewError)."""
-    layout, knees = film_knees(path, img_size, display)
-    if jsw:
-        from klgrade.measure.files import laterality_from_name
-
-        named = laterality_from_name(display or path)
-        for k in knees:
-            if k.view is not None:
-                k.jsw = _measure(k, named)
-    return layout, knees
-
-
-def _measure(k: Knee, named: str | None = None):
-    """The knee's JSW. Which side is medial: a bilateral film's half knows; a single knee of known
-    side (DICOM laterality) is in the canonical orientation (a left one mirrored); a prepared crop
-    says so by its stated joint (``measure_knee``); one of unknown side may say it in its file name
-    (``named``, kneeKL224: film orientation, as `klgrade measure` reads it); else the fibula decides."""
-    from klgrade.measure.jsw import failed
-
-    img, spacing, view_side = k.source
-    if not k.info.ok:
-        return failed(f"joint not located: {k.info.reason}", "mm" if spacing else "%plateau")
-    from klgrade.measure import measure_knee
-
-    laterality = None if view_side else "R" if k.side in ("R", "L") else named
-    return measure_knee(img, spacing, view_side, info=k.info, laterality=laterality)

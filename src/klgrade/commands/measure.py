@@ -29,23 +29,18 @@ def register(sub) -> None:
 
 
 def _inputs(data):
-    """[(image_id, path, klg or None, laterality or None)] from a manifest, else every image file under
-    ``data``. The laterality comes from a file name like kneeKL224's ``9001695L.png`` (crops in film
-    orientation), never from a manifest's ``side``: `prepare oai` crops are mirrored into the
-    canonical orientation, which their stated joint tells (``read``)."""
+    """[(image_id, path, klg or None)] from a manifest, else every image file under ``data``."""
     from klgrade.errors import UserError
     from klgrade.ingest.manifest import image_paths, manifest_path, read_manifest
-    from klgrade.measure.files import laterality_from_name
 
     if manifest_path(data).is_file():
         df = read_manifest(data)
-        return [(str(i), p, int(k), laterality_from_name(p))
-                for i, p, k in zip(df["image_id"], image_paths(df), df["klg"])]
+        return [(str(i), p, int(k)) for i, p, k in zip(df["image_id"], image_paths(df), df["klg"])]
     files = sorted(p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                    and not p.name.startswith("."))
     if not files:
         raise UserError(f"{data}: no manifest.csv and no image files")
-    return [(str(p.relative_to(data).with_suffix("")), p, None, laterality_from_name(p)) for p in files]
+    return [(str(p.relative_to(data).with_suffix("")), p, None) for p in files]
 
 
 def run(args) -> int:
@@ -56,12 +51,11 @@ def run(args) -> int:
 
     from klgrade import io
     from klgrade.errors import UserError
-    from klgrade.ingest.dicom import DicomError
-    from klgrade.ingest.images import ImageReadError
     from klgrade.ingest.manifest import write_rejects
     from klgrade.ingest.polarity import NOTE as POLARITY_NOTE
-    from klgrade.measure.files import measure_image, read
+    from klgrade.measure.files import MEASURE_PX, knees_from_file, overlay
     from klgrade.measure.overlay import contact_sheet, label
+    from klgrade.view.entrance import ViewError
 
     data, out = Path(args.data), Path(args.out)
     if not data.is_dir():
@@ -69,23 +63,21 @@ def run(args) -> int:
     if args.mm_per_px is not None and not 0.01 <= args.mm_per_px <= 5:
         raise UserError(f"--mm-per-px must be between 0.01 and 5 mm (got {args.mm_per_px})")
     rows, rejects, tiles, caps = [], [], [], []
-    for image_id, path, klg, side in tqdm(_inputs(data), desc="measure", unit="image"):
-        try:
-            img, spacing, inverted, joint = read(path, args.mm_per_px)
-            # the knee's side tells which compartment is medial in a single-knee image (a bilateral
-            # film's halves know theirs, a prepared crop's stated joint says it is canonical)
-            knees = measure_image(img, spacing, overlays=len(tiles) < args.sheet, laterality=side, joint=joint)
-        except (ImageReadError, DicomError, OSError, ValueError) as e:
+    for image_id, path, klg in tqdm(_inputs(data), desc="measure", unit="image"):
+        try:  # the knees predict grades, measured as predict measures them
+            layout, knees = knees_from_file(path, MEASURE_PX, mm_per_px=args.mm_per_px)
+        except ViewError as e:
             rejects.append({"path": str(path), "reason": str(e)})
             continue
         for k in knees:
-            if inverted:
+            if POLARITY_NOTE in k.note:
                 k.jsw.note = "; ".join(filter(None, [k.jsw.note, POLARITY_NOTE]))
+            side = k.side if layout == "bilateral" else "U"
             kid = image_id if len(knees) == 1 else f"{image_id}_{k.side}"
-            rows.append({"image_id": kid, "side": k.side, **({"klg": klg} if klg is not None else {}),
+            rows.append({"image_id": kid, "side": side, **({"klg": klg} if klg is not None else {}),
                          **k.jsw.row()})
-            if k.overlay is not None and len(tiles) < args.sheet:
-                tiles.append(k.overlay)
+            if len(tiles) < args.sheet and k.view is not None:
+                tiles.append(overlay(k))
                 caps.append(f"{kid[-14:]} {label(k.jsw)}")
     df = pd.DataFrame(rows)
     io.write_csv(out / "jsw.csv", df)

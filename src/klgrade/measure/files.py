@@ -2,41 +2,17 @@
 crop) or one is given, else in relative units."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
 from klgrade.measure.jsw import JSW, failed, measure_knee
 from klgrade.measure.overlay import draw
+from klgrade.view.entrance import Knee, film_knees, make_view
 
 TILE = 192  # overlay tile size (px) of the contact sheet
-
-
-@dataclass
-class KneeJSW:
-    side: str  # 'R'/'L' of a bilateral film, else 'U'
-    jsw: JSW
-    overlay: np.ndarray | None = None  # RGB uint8 tile, canonical orientation, lines drawn
-
-
-class MeasuredFile(NamedTuple):
-    pixels: np.ndarray
-    spacing: object  # mm/px: the file's own (a DICOM's, a prepared crop's), else --mm-per-px, else None
-    inverted: bool  # bone-dark and read inverted (klgrade.ingest.polarity)
-    joint: tuple[float, float] | None  # the joint centre a prepared crop states (canonical orientation)
-
-
-def read(path: str | Path, mm_per_px: float | None = None) -> MeasuredFile:
-    """An image file to measure. The spacing a file states (DICOM header, a `prepare oai` crop's
-    text chunk) wins over ``mm_per_px``, which gives the scale of files that state none. Raises
-    ImageReadError/DicomError (naming the file) for an unreadable one."""
-    from klgrade.ingest.images import read_image_stated
-
-    stated = read_image_stated(path)
-    spacing = stated.spacing if stated.spacing is not None else mm_per_px
-    return MeasuredFile(stated.pixels, spacing, stated.inverted, stated.joint)
+# views this size are cut from the array JSW is measured on (view.entrance.Knee.at_locate_scale)
+MEASURE_PX = TILE
 
 
 def laterality_from_name(path: str | Path) -> str | None:
@@ -45,21 +21,39 @@ def laterality_from_name(path: str | Path) -> str | None:
     return last if last in ("R", "L") and Path(path).stem[-2:-1].isdigit() else None
 
 
-def measure_image(img: np.ndarray, spacing=None, overlays: bool = False,
-                  laterality: str | None = None, joint: tuple[float, float] | None = None) -> list[KneeJSW]:
-    """Every knee of ``img``: both of a bilateral film (patient's right first), else the one.
-    ``laterality``: 'R'/'L' of a single-knee image in film orientation (see ``measure_knee``);
-    ``joint``: the centre a prepared crop states, which frames its view as it frames predict's."""
-    from klgrade.view.canonical import canonical_view, is_bilateral
+def knees_from_file(path: str | Path, img_size: int, display: str | None = None, jsw: bool = True,
+                    mm_per_px: float | None = None) -> tuple[str, list[Knee]]:
+    """The knees of a file as klgrade.view.entrance.film_knees makes them (the views every command
+    uses), each with its joint space width measured when ``jsw``: `klgrade measure`, predict and
+    serve all measure here. ``mm_per_px``: the pixel size of a file that states none. The JSW is
+    measured at one scale whatever the view size (the film reduced as prepare oai locates it), so
+    every command gives a knee the same numbers. Raises ViewError naming the file."""
+    layout, knees = film_knees(path, img_size, display, mm_per_px=mm_per_px)
+    if jsw:
+        on = knees
+        if not all(k.at_locate_scale for k in knees):  # a large view cut from finer pixels
+            on = film_knees(path, MEASURE_PX, display, mm_per_px=mm_per_px)[1]
+        named = laterality_from_name(display or path)
+        for k, m in zip(knees, on):
+            k.jsw, k.measured_on = _measure(m, named), m
+    return layout, knees
 
-    sides = ("R", "L") if is_bilateral(img) else (None,)
-    out = []
-    for side in sides:
-        try:
-            view, info = canonical_view(img, TILE, spacing_mm=spacing, side=side, joint=joint)
-        except (ValueError, ArithmeticError) as e:  # degenerate images the view refuses
-            out.append(KneeJSW(side or "U", failed(f"no knee view ({e})", "mm" if spacing else "%plateau")))
-            continue
-        jsw = measure_knee(img, spacing, side, info=info, laterality=None if side else laterality)
-        out.append(KneeJSW(side or "U", jsw, draw(view, jsw, info) if overlays else None))
-    return out
+
+def _measure(k: Knee, named: str | None = None) -> JSW:
+    """The knee's JSW. Which side is medial: a bilateral film's half knows; a single knee of known
+    side (DICOM laterality) is in the canonical orientation (a left one mirrored); a prepared crop
+    says so by its stated joint (``measure_knee``); one of unknown side may say it in its file name
+    (``named``, kneeKL224: film orientation); else the fibula decides."""
+    img, spacing, view_side = k.source
+    if not k.info.ok:  # (a knee of a bilateral film is not graded then either)
+        return failed(f"joint not located: {k.info.reason}", "mm" if spacing else "%plateau")
+    laterality = None if view_side else "R" if k.side in ("R", "L") else named
+    return measure_knee(img, spacing, view_side, info=k.info, laterality=laterality)
+
+
+def overlay(k: Knee, size: int = TILE) -> np.ndarray:
+    """RGB tile of the knee's view at ``size`` with its measured lines drawn (canonical orientation)."""
+    m = k.measured_on or k
+    img, spacing, side = m.source
+    view = m.view if m.view is not None and m.view.shape[0] == size else make_view(img, size, spacing_mm=spacing, side=side)[0]
+    return draw(view, k.jsw, m.info)

@@ -45,9 +45,13 @@ class Knee:
     location: dict | None = None  # joint centre in the source image (px), how the scale was set
     note: str = ""  # e.g. the joint was not found and a centred crop was graded
     error: str = ""  # a knee of a bilateral film that could not be located is reported, not guessed
-    source: tuple | None = field(default=None, repr=False)  # (image, spacing, side) to redraw it larger
+    source: tuple | None = field(default=None, repr=False)  # (image, spacing, side) to redraw it larger or measure it
     info: ViewInfo | None = field(default=None, repr=False)  # how the view was made
     jsw: object = None  # klgrade.measure.JSW, when the caller measured it
+    measured_on: Knee | None = field(default=None, repr=False)  # the knee ``jsw``'s points refer to
+    # the view was cut from the array prepare oai locates (the film reduced by locate_factor), the
+    # scale joint space width is measured at; False when a large view needed finer pixels
+    at_locate_scale: bool = True
 
 
 def make_view(image: np.ndarray, size: int, spacing_mm=None, side: str | None = None,
@@ -95,16 +99,19 @@ def read_film(path: str | Path, display: str | None = None) -> Film:
 
 
 def film_knees(path: str | Path, size: int, display: str | None = None,
-               sides: tuple[str, ...] = ("R", "L")) -> tuple[str, list[Knee]]:
+               sides: tuple[str, ...] = ("R", "L"), mm_per_px: float | None = None) -> tuple[str, list[Knee]]:
     """Read an image file and make the view of each knee in it: (layout, knees).
 
     A bilateral film gives the knees of ``sides`` (default: right, then left); anything else one
-    knee, whose side comes from the DICOM's (Image)Laterality when present. Raises ViewError naming
+    knee, whose side comes from the DICOM's (Image)Laterality when present. ``mm_per_px``: the pixel
+    size of a file that states none (a spacing the file states wins). Raises ViewError naming
     ``display`` (default: the path).
     """
     import cv2
 
     film = read_film(path, display)
+    if film.spacing is None and mm_per_px is not None:
+        film = film._replace(spacing=float(mm_per_px))
     try:
         layout, knees = _film_views(film, size, sides)
     except (ValueError, ArithmeticError, IndexError, cv2.error) as e:  # degenerate images (flat, tiny)
@@ -118,7 +125,10 @@ def film_knees(path: str | Path, size: int, display: str | None = None,
 
 
 def _film_views(film: Film, size: int, sides: tuple[str, ...]) -> tuple[str, list[Knee]]:
+    from klgrade.ingest.roi import locate_factor
+
     img, spacing, laterality, joint, _ = film
+    at_locate_scale = view_factor(img.shape, spacing, size) == locate_factor(spacing, img.shape)
     img, spacing, factor = reduce_for_view(img, spacing, size)
     if joint is not None:  # stated in the file's pixels: in the reduced image's
         joint = ((joint[0] + 0.5) / factor - 0.5, (joint[1] + 0.5) / factor - 0.5)
@@ -128,11 +138,16 @@ def _film_views(film: Film, size: int, sides: tuple[str, ...]) -> tuple[str, lis
         cut = split_legs(img, spacing)
         # The two knees' views are independent and mostly GIL-free (OpenCV, NumPy): make them
         # in parallel, which takes their cost off the critical path on an idle machine.
-        return "bilateral", list(_view_pool().map(lambda side: _knee(img, spacing, side, size, factor, cut), sides))
-    side = laterality or "U"
-    if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
-        img = np.ascontiguousarray(img[:, ::-1])
-    return "unilateral", [_knee(img, spacing, side, size, factor, joint=joint)]
+        knees = list(_view_pool().map(lambda side: _knee(img, spacing, side, size, factor, cut), sides))
+        layout = "bilateral"
+    else:
+        side = laterality or "U"
+        if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
+            img = np.ascontiguousarray(img[:, ::-1])
+        knees, layout = [_knee(img, spacing, side, size, factor, joint=joint)], "unilateral"
+    for k in knees:
+        k.at_locate_scale = at_locate_scale
+    return layout, knees
 
 
 def view_file(path: str | Path, size: int, side: str | None = None) -> tuple[np.ndarray, ViewInfo]:
@@ -152,6 +167,17 @@ def load_view(path: str | Path, size: int, side: str | None = None) -> np.ndarra
     return view_file(path, size, side)[0]
 
 
+def view_factor(shape: tuple[int, int], spacing, img_size: int) -> int:
+    """The area-reduction factor ``reduce_for_view`` applies to a film of ``shape`` (1: none)."""
+    from klgrade.ingest.roi import locate_factor
+
+    if spacing is None:
+        return 1
+    sy, sx = (float(spacing), float(spacing)) if np.isscalar(spacing) else (float(spacing[0]), float(spacing[1]))
+    factor = min(locate_factor((sy, sx), shape), int(FOV_MM / img_size / (VIEW_OVERSAMPLE * max(sy, sx))))
+    return factor if factor >= 2 else 1
+
+
 def reduce_for_view(img: np.ndarray, spacing, img_size: int) -> tuple[np.ndarray, object, int]:
     """Area-average a film that is much finer than the views made from it: (image, spacing, factor).
 
@@ -161,14 +187,12 @@ def reduce_for_view(img: np.ndarray, spacing, img_size: int) -> tuple[np.ndarray
     oai located), lowered when a large view needs finer pixels (``VIEW_OVERSAMPLE`` x finer than
     the view's). Films without spacing are left alone.
     """
-    from klgrade.ingest.roi import area_reduce, locate_factor
+    from klgrade.ingest.roi import area_reduce
 
-    if spacing is None:
-        return img, spacing, 1
-    sy, sx = (float(spacing), float(spacing)) if np.isscalar(spacing) else (float(spacing[0]), float(spacing[1]))
-    factor = min(locate_factor((sy, sx), img.shape), int(FOV_MM / img_size / (VIEW_OVERSAMPLE * max(sy, sx))))
+    factor = view_factor(img.shape, spacing, img_size)
     if factor < 2:
         return img, spacing, 1
+    sy, sx = (float(spacing), float(spacing)) if np.isscalar(spacing) else (float(spacing[0]), float(spacing[1]))
     return area_reduce(img, factor), (sy * factor, sx * factor), factor
 
 
@@ -206,7 +230,7 @@ def _knee(img: np.ndarray, spacing, side: str, size: int, factor: int = 1, cut: 
     loc = {"x": round(float(cx), 1), "y": round(float(cy), 1), "scale": info.scale_source}
     flipped = info.flipped if bilateral else side == "L"
     if not info.ok and bilateral:  # half a film cropped at random is not a knee: refuse rather than guess
-        return Knee(side=side, view=None, location=loc, flipped=flipped, info=info,
+        return Knee(side=side, view=None, location=loc, flipped=flipped, info=info, source=(img, spacing, view_side),
                     error=f"{SIDE_NAMES[side]} knee not located: {info.reason}")
     note = info.reason if info.ok else f"joint not located ({info.reason}); graded a centred crop of the image"
     return Knee(side=side, view=view, flipped=flipped, location=loc, source=(img, spacing, view_side),

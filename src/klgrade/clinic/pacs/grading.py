@@ -125,7 +125,7 @@ def grade_instance(grader, path: str | Path, header, display: str = "instance") 
 def _film(knees, header) -> tuple[np.ndarray | None, float]:
     """The (area-reduced) film the clinic cropped the knees from, back in the film's orientation."""
     for k in knees:
-        if k.source is None:
+        if k.source is None or k.view is None:
             continue
         img = k.source[0]
         if k.side == "L" and k.source[2] is None:  # a single left knee was mirrored before cropping
