@@ -14,11 +14,13 @@
 #   efficientnet_lite0_ft256_16ep_noise  the 16-epoch recipe with its grainy noise augmentation (step 'ft256noise')
 #   efficientnet_lite0_ft256_16ep_noise_seed1  the same with seed 1 (step 'ft256noise_s1')
 #   efficientnet_lite0_ft256_16ep_noise_p07[_seed1]  noise in 70% of images, seeds 0 / 1 (steps 'ft256noise07', 'ft256noise07_s1')
+#   efficientnet_lite0_ft256_16ep_kneessl  the 16-epoch recipe from the knee-SSL weights (step 'ft256ssl')
+#   resnet18_scratch           ResNet18 from scratch, 192 px, 16 epochs (step 'resnet18'; else RESNET18_RUN)
 #   efficientnet_lite0_ft320   the recipe at 320 px (the 224-px crops upsampled), 8 epochs (step 'ft320')
 #   efficientnet_lite0_scratch Lite0, same recipe, --weights none               what pretraining buys
 #   efficientnet_lite0_scratch_own  Lite0, --weights none with the from-scratch recipe, 256 px x 16
 #                              epochs (step 'scratchown'): what pretraining buys when each side gets its own recipe
-#   resnet18 (RESNET18_RUN)    ResNet18 from scratch, the default recipe (an existing run dir)
+#   (RESNET18_RUN)             ResNet18 from scratch, view v7 (an existing run dir; stands in until step resnet18 ran)
 #   lite0_frozen_{mlp,linear,xgboost}, lite2_frozen_mlp   frozen ImageNet embeddings + head (approach 3)
 #   biomedclip_random_mlp      BioMedCLIP's architecture, random init, + MLP: what "no weights" gives
 # Sized for a 2-core CPU (~2 h). Resumable: finished steps are skipped, killed training resumes.
@@ -36,6 +38,7 @@ RESNET18_RUN=${RESNET18_RUN:-results/study_kneekl224/runs_run3/resnet18}
 # knee-SSL row from benchmarks/ssl_kneekl224.sh; an older random-init BioMedCLIP run stands in when
 # this script's own 'random' step (~30 min of CPU) was not run
 SSL_RUN=${SSL_RUN:-results/ssl_kneekl224/runs/ssl_lite0_frozen_mlp}
+SSL_PRETRAIN=${SSL_PRETRAIN:-results/ssl_kneekl224/runs/ssl_lite0}
 BMC_RANDOM_RUN=${BMC_RANDOM_RUN:-results/study_kneekl224/runs/biomedclip_mlp}
 BIN=${BIN:-.venv/bin/klgrade}
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
@@ -79,6 +82,7 @@ compare() {
            efficientnet_lite0_ft256_16ep_noise_seed1:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs; grainy noise; seed 1)" \
            efficientnet_lite0_ft256_16ep_noise_p07:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs; grainy noise p 0.7)" \
            efficientnet_lite0_ft256_16ep_noise_p07_seed1:"Lite0 fine-tuned (ImageNet; 256 px; 16 epochs; grainy noise p 0.7; seed 1)" \
+           efficientnet_lite0_ft256_16ep_kneessl:"Lite0 fine-tuned (knee-SSL; 256 px; 16 epochs)" \
            efficientnet_lite0_ft320:"Lite0 fine-tuned (ImageNet; 320 px)" \
            efficientnet_lite2_ft:"Lite2 fine-tuned (ImageNet; 260 px)" \
            efficientnet_lite0_ft256_nosite:"Lite0 fine-tuned (ImageNet; 256 px; no site-shift)" \
@@ -92,7 +96,9 @@ compare() {
     [[ -f "$OUT/runs/${r%%:*}/metrics_test.json" ]] && runs+=("$OUT/runs/${r%%:*}") && names+=("${r#*:}")
   done
   if [[ -f "$SSL_RUN/predictions_test.csv" ]]; then runs+=("$SSL_RUN"); names+=("Lite0 knee-SSL frozen+MLP"); fi
-  if [[ -f "$RESNET18_RUN/predictions_test.csv" ]]; then runs+=("$RESNET18_RUN"); names+=("ResNet18 from scratch (view v7)"); fi
+  if [[ -f "$OUT/runs/resnet18_scratch/metrics_test.json" ]]; then
+    runs+=("$OUT/runs/resnet18_scratch"); names+=("ResNet18 from scratch (192 px; 16 epochs)")
+  elif [[ -f "$RESNET18_RUN/predictions_test.csv" ]]; then runs+=("$RESNET18_RUN"); names+=("ResNet18 from scratch (view v7)"); fi
   if [[ ! -f "$OUT/runs/biomedclip_random_mlp/metrics_test.json" && -f "$BMC_RANDOM_RUN/predictions_test.csv" ]]; then
     runs+=("$BMC_RANDOM_RUN"); names+=("BioMedCLIP random-init+MLP (view v2)"); fi
   log "compare ${#runs[@]} runs on kneeKL224 val"
@@ -133,6 +139,12 @@ step() {
                        --epochs 16 --seed 1 --config benchmarks/configs/noise_p07.yaml ;;
     ft256noise07) train efficientnet_lite0_ft256_16ep_noise_p07 efficientnet_lite0 auto --img-size 256 \
                     --epochs 16 --config benchmarks/configs/noise_p07.yaml ;;
+    # ResNet18 from scratch as the independent check ran it (192 px, 16 epochs; lr 2e-3 as
+    # run 3, which stood in with view v7) on this script's images and view
+    resnet18) train resnet18_scratch resnet18 none --recipe scratch --img-size 192 --epochs 16 --lr 2e-3 ;;
+    # the best recipe from the knee-SSL weights (benchmarks/ssl_kneekl224.sh: SimCLR from ImageNet on
+    # the train knees): does organ-specific pretraining help a full fine-tune?
+    ft256ssl) train efficientnet_lite0_ft256_16ep_kneessl efficientnet_lite0 "$SSL_PRETRAIN" --img-size 256 --epochs 16 ;;
     ft320) train efficientnet_lite0_ft320 efficientnet_lite0 auto --img-size 320 --epochs 8 ;;
     # Lite2 at its own input size (260 px), 12 epochs, bf16 + channels-last (~5 min/epoch here)
     lite2ft) train efficientnet_lite2_ft efficientnet_lite2 auto --img-size 260 --epochs 12 ;;
@@ -140,7 +152,7 @@ step() {
     ft256nosite) train efficientnet_lite0_ft256_nosite efficientnet_lite0 auto --img-size 256 --epochs 10 \
                    --config benchmarks/configs/no_site_shift.yaml ;;
     compare) compare ;;
-    *) echo "unknown step $1 (frozen lite2 random ft ft256 lite1ft ft256long lite2ft ft256nosite ft256long_s1 ft256noise ft256noise_s1 ft256noise07 ft256noise07_s1 ft320 scratch scratchown compare)"; exit 2 ;;
+    *) echo "unknown step $1 (frozen lite2 random ft ft256 lite1ft ft256long lite2ft ft256nosite ft256long_s1 ft256noise ft256noise_s1 ft256noise07 ft256noise07_s1 ft256ssl resnet18 ft320 scratch scratchown compare)"; exit 2 ;;
   esac
 }
 # Steps in order; on a 2-core CPU two chains in parallel (one thread each) finish sooner, e.g.

@@ -158,6 +158,32 @@ def test_predict_batch_loses_no_file(tiny_cnn_run, good, work, data, capsys):
     assert len(err.strip().splitlines()) == len(res["errors"])  # one line per refused file
 
 
+@_scaled(0.5)
+@given(data=st.data())
+def test_measure_lists_every_file(good, work, data, capsys):
+    """`klgrade measure` over a folder with hostile files: every file is measured (a row per knee,
+    with a reason when it could not be) or a reject with a reason; the batch goes on."""
+    c = HypChooser(data)
+    root, out = work / "to_measure", work / "jsw"
+    shutil.rmtree(root, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    root.mkdir()
+    for i, g in enumerate(good[:2]):
+        shutil.copy(g, root / f"g{i}.png")
+    for i in range(3):
+        raw, suffix, _ = hostile_file(c)
+        _write(root, raw, suffix if suffix in (".png", ".jpg", ".dcm") else ".dcm", f"h{i}")
+    assert main(["measure", "--data", str(root), "--out", str(out), "--sheet", "4"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    rows = pd.read_csv(out / "jsw.csv", dtype={"image_id": str})
+    rejects = pd.read_csv(out / "rejects.csv")
+    measured = {i.rsplit("_", 1)[0] if i.endswith(("_R", "_L")) else i for i in rows["image_id"]}
+    rejected = {Path(p).stem for p in rejects["path"]}
+    assert measured | rejected == {p.stem for p in root.iterdir()} and not measured & rejected
+    assert {"g0", "g1"} <= measured
+    assert rows.loc[~rows["ok"].astype(bool), "reason"].fillna("").str.len().gt(0).all()
+
+
 # ---------------------------------------------------------------------- batch ingest
 
 @_scaled(0.5)
