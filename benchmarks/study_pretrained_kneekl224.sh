@@ -151,8 +151,18 @@ step() {
     # the 10-epoch 256-px recipe (step ft256) without the site-shift augmentation: what robustness costs in distribution
     ft256nosite) train efficientnet_lite0_ft256_nosite efficientnet_lite0 auto --img-size 256 --epochs 10 \
                    --config benchmarks/configs/no_site_shift.yaml ;;
+    # the noise recipes' robustness on the patient-level hold-out (manifest split 'val'), where the
+    # choice of p_noise was made (session 14); the val ('test') robustness is reported, not used to choose
+    holdoutrobust)
+      for r in efficientnet_lite0_ft256_16ep_noise efficientnet_lite0_ft256_16ep_noise_seed1 \
+               efficientnet_lite0_ft256_16ep_noise_p07 efficientnet_lite0_ft256_16ep_noise_p07_seed1; do
+        [[ -f "$OUT/robustness_holdout/$r/robustness.json" ]] && continue
+        log "robustness of $r on the hold-out"
+        $BIN robustness --run "$OUT/runs/$r" --data "$OUT/data" --split val --device "$DEVICE" \
+          --out "$OUT/robustness_holdout/$r"
+      done ;;
     compare) compare ;;
-    *) echo "unknown step $1 (frozen lite2 random ft ft256 lite1ft ft256long lite2ft ft256nosite ft256long_s1 ft256noise ft256noise_s1 ft256noise07 ft256noise07_s1 ft256ssl resnet18 ft320 scratch scratchown compare)"; exit 2 ;;
+    *) echo "unknown step $1 (frozen lite2 random ft ft256 lite1ft ft256long lite2ft ft256nosite ft256long_s1 ft256noise ft256noise_s1 ft256noise07 ft256noise07_s1 ft256ssl resnet18 holdoutrobust ft320 scratch scratchown compare)"; exit 2 ;;
   esac
 }
 # Steps in order; on a 2-core CPU two chains in parallel (one thread each) finish sooner, e.g.
