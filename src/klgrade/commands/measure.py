@@ -9,6 +9,8 @@ medial_mean_mm, lateral_mean_mm, unit, ok, medial_flag, lateral_flag, reason, no
 cyan, tibial margin yellow, minimum red). Values are in mm when the image has a pixel spacing
 (DICOM, a `prepare oai` crop, which states its own, or ``--mm-per-px`` for other crops of known
 scale); otherwise ``unit`` is ``%plateau``: percent of the tibial plateau width. A collapsed compartment reads 0 with the flag ``bone_on_bone``.
+Each knee is measured as `klgrade predict` and `serve` measure it (klgrade.measure.files.knees_from_file):
+the same file gives the same numbers in every command.
 """
 from __future__ import annotations
 
