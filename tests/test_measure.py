@@ -258,3 +258,22 @@ def test_measure_and_predict_give_a_film_the_same_jsw(tmp_path):
                 row = measured.loc[f"film_{k.side}"]
                 assert getattr(k.jsw, name).min == pytest.approx(row[f"{name}_min_mm"], abs=1e-3), (size, k.side)
                 assert r["jsw"][name]["min"] == pytest.approx(row[f"{name}_min_mm"], abs=1e-3)
+
+
+def test_a_compartment_off_the_image_is_not_measured(film):
+    """A knee cut by the frame: a compartment mostly beyond the image edge gets a reason, not the
+    width of the repeated edge column (a kneeKL224 KL4 crop read 11.8% of the plateau width there).
+    The part on the image is measured when most of the compartment is on it."""
+    from klgrade.view.canonical import canonical_view
+
+    img, _, al = film
+    _, info = canonical_view(img, 64, spacing_mm=0.2, side="R")
+    cx, w = info.centre[0], info.width_px
+    whole = measure_knee(img[:, : int(cx + 0.8 * w)], 0.2, laterality="R")
+    for cut, inside in ((0.35, True), (0.25, False)):  # the lateral side is the image left for a right knee
+        r = measure_knee(img[:, int(cx - cut * w): int(cx + 0.8 * w)], 0.2, laterality="R")
+        assert r.medial.ok and r.medial.min == pytest.approx(whole.medial.min, abs=0.2)
+        if inside:
+            assert r.lateral.ok and r.lateral.min == pytest.approx(whole.lateral.min, abs=0.3)
+        else:
+            assert not r.lateral.ok and np.isnan(r.lateral.min) and "outside the image" in r.lateral.reason

@@ -58,6 +58,9 @@ MIN_EDGE = 0.01  # weakest margin step (normalised intensity per work px) ever t
 REL_EDGE = 0.4  # ... and at least this share of the knee's typical margin step
 NARROW = 0.02  # a space narrower than this (plateau widths, ~1.5 mm) next to lost margins = closing
 MIN_VALID = 0.5  # share of a compartment's columns with both margins for a measurement
+# share of a compartment that must lie on the image: beyond its edge the resampled region repeats the
+# edge column, whose margins would be measured again as if they were the compartment's
+MIN_INSIDE = 0.5
 COLLAPSE_RUN = 0.05  # a run of columns without a gap this wide (plateau widths) = bone on bone
 FIBULA_BOX = (0.44, 0.6, 0.2, 0.45)  # |x| and y (plateau widths) where the fibular head lies
 FIBULA_MIN = 0.04  # lateral box brighter than the medial one by this (normalised) = fibula found
@@ -327,7 +330,8 @@ def measure_knee(img: np.ndarray, spacing_mm=None, side: str | None = None, info
         medial_right, by_fibula = canonical or laterality == "R", True  # a prepared crop shows a right knee
     else:  # a single knee of unknown orientation; unclipped, so the soft tissue beside the tibia counts
         medial_right, by_fibula = _medial_is_right((roi - lo) / (hi - lo), jrow, True)
-    res = _compartments(g, jrow, medial_right, spacing * width / WORK_W if spacing else 100.0 / WORK_W, m)
+    res = _compartments(g, jrow, medial_right, spacing * width / WORK_W if spacing else 100.0 / WORK_W, m,
+                        img.shape[1])
     notes = []
     if not spacing:
         notes.append("no pixel spacing: JSW in percent of the tibial plateau width")
@@ -363,17 +367,27 @@ def _located(img: np.ndarray, spacing_mm, side, info, unit: str):
     return info
 
 
-def _compartments(g: np.ndarray, jrow: int, medial_right: bool, scale: float, m) -> dict:
+def _compartments(g: np.ndarray, jrow: int, medial_right: bool, scale: float, m, img_w: int) -> dict:
     """Both compartments of the normalised ROI ``g`` (joint line at row ``jrow``; ``scale``: unit
-    per work px; ``m``: work px -> input px): {'medial': Compartment, 'lateral': Compartment}."""
+    per work px; ``m``: work px -> input px; ``img_w``: the input's width, for the columns on it):
+    {'medial': Compartment, 'lateral': Compartment}."""
     smooth = gaussian_filter(g, 1.5, 1.5, mode="reflect")
     dy = gaussian_filter(g, SIG_Y, SIG_X, order_rows=1, mode="reflect")
     x = (np.arange(g.shape[1]) - (g.shape[1] - 1) / 2) / WORK_W
-    parts = {}
+    x_in = m[0, 0] * np.arange(g.shape[1]) + m[0, 2]
+    on_image = (x_in >= 0) & (x_in <= img_w - 1)
+    parts, off_image = {}, {}
     for name, sgn in (("medial", 1 if medial_right else -1), ("lateral", -1 if medial_right else 1)):
-        cols = np.flatnonzero((sgn * x >= COMPARTMENT[0]) & (sgn * x <= COMPARTMENT[1]))
+        span = np.flatnonzero((sgn * x >= COMPARTMENT[0]) & (sgn * x <= COMPARTMENT[1]))
+        cols = span[on_image[span]]
+        if len(cols) < MIN_INSIDE * len(span):  # the knee runs off the frame here
+            off_image[name] = Compartment(name, reason=f"{name}: {1 - len(cols) / len(span):.0%} of the "
+                                          "compartment lies outside the image")
+            continue
         band = (sgn * x[cols] >= CENTRAL_BAND[0]) & (sgn * x[cols] <= CENTRAL_BAND[1])
         parts[name] = (cols, band, _trace(smooth, dy, jrow, cols))
+    if not parts:
+        return off_image
     # a margin is a step at least REL_EDGE of this knee's typical margin step (films differ in contrast)
     typical = np.percentile(np.concatenate([np.minimum(p[2][2], p[2][4]) for p in parts.values()]), 75)
     min_edge = max(MIN_EDGE, REL_EDGE * float(typical))
@@ -381,12 +395,14 @@ def _compartments(g: np.ndarray, jrow: int, medial_right: bool, scale: float, m)
     for name, (cols, band, trace) in parts.items():
         res[name], shares[name] = _compartment(name, trace, cols, band, min_edge, scale, m)
     _whole_collapse(res, shares)
-    return res
+    return {**res, **off_image}
 
 
 def _whole_collapse(res: dict, shares: dict) -> None:
     """A compartment with (almost) no margins beside a measured one is collapsed, not missing."""
     for a, b in (("medial", "lateral"), ("lateral", "medial")):
+        if a not in res or b not in res:  # a compartment off the image says nothing of the other
+            continue
         if not res[a].ok and shares[a] < 0.15 and res[b].ok and not res[b].flag and shares[b] >= MIN_VALID:
             c = res[a]
             c.min, c.ok, c.flag = 0.0, True, "bone_on_bone"
