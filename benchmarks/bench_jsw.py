@@ -42,7 +42,7 @@ def synthetic(n_films: int, seed: int) -> dict:
     from tqdm import tqdm
 
     from klgrade import synthetic as syn
-    from klgrade.measure.files import MEASURE_PX, _measure
+    from klgrade.measure.files import MEASURE_PX, jsw_of
     from klgrade.view.entrance import film_knees
 
     cv2.setNumThreads(1)
@@ -62,7 +62,7 @@ def synthetic(n_films: int, seed: int) -> dict:
             for knee, (side, k, a) in zip(knees, (("R", kr, ar), ("L", kl, al))):
                 truth = syn.true_jsw(k, a)
                 t0 = time.perf_counter()
-                r = _measure(knee)
+                r = jsw_of(knee)
                 times.append(time.perf_counter() - t0)
                 rows.append({"film": i, "side": side, "klg": k, "spacing": sp, "photometric": phot,
                              "true_medial": truth["jsw_medial_mm"], "true_lateral": truth["jsw_lateral_mm"],

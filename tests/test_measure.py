@@ -237,6 +237,7 @@ def test_measure_and_predict_give_a_film_the_same_jsw(tmp_path):
     from klgrade.cli import main
     from klgrade.clinic.grader import Grader
     from klgrade.measure.files import knees_from_file
+    from klgrade.view.entrance import at_locate_scale, read_film
 
     img, _ = syn.render_bilateral(2, 3, np.random.default_rng(0), spacing_mm=0.14, shape=(2000, 2560))
     d = tmp_path / "films"
@@ -246,9 +247,10 @@ def test_measure_and_predict_give_a_film_the_same_jsw(tmp_path):
     measured = pd.read_csv(tmp_path / "out" / "jsw.csv").set_index("image_id")
     assert (measured["unit"] == "mm").all() and measured["ok"].all()
     model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 5)).eval()
-    for size, at_locate_scale in ((64, True), (320, False)):  # 320 px: a view finer than the 2x-reduced film
+    for size, own_pixels in ((64, True), (320, False)):  # 320 px: a view finer than the 2x-reduced film
+        assert at_locate_scale(read_film(d / "film.dcm"), size) == own_pixels
         _, knees = knees_from_file(d / "film.dcm", size)
-        assert all(k.at_locate_scale == at_locate_scale for k in knees)
+        assert all((k.measured_on is k) == own_pixels for k in knees)
         g = Grader(run_dir=tmp_path, kind="cnn", name="stub", model=model, img_size=size, mean=(0.5,) * 3,
                    std=(0.25,) * 3, device=torch.device("cpu"))
         result = g.predict_file(d / "film.dcm", include_view=True)

@@ -67,16 +67,15 @@ def run(args) -> int:
     rows, rejects, tiles, caps = [], [], [], []
     for image_id, path, klg in tqdm(_inputs(data), desc="measure", unit="image"):
         try:  # the knees predict grades, measured as predict measures them
-            layout, knees = knees_from_file(path, MEASURE_PX, mm_per_px=args.mm_per_px)
+            _, knees = knees_from_file(path, MEASURE_PX, mm_per_px=args.mm_per_px)
         except ViewError as e:
             rejects.append({"path": str(path), "reason": str(e)})
             continue
         for k in knees:
             if POLARITY_NOTE in k.note:
                 k.jsw.note = "; ".join(filter(None, [k.jsw.note, POLARITY_NOTE]))
-            side = k.side if layout == "bilateral" else "U"
             kid = image_id if len(knees) == 1 else f"{image_id}_{k.side}"
-            rows.append({"image_id": kid, "side": side, **({"klg": klg} if klg is not None else {}),
+            rows.append({"image_id": kid, "side": k.side, **({"klg": klg} if klg is not None else {}),
                          **k.jsw.row()})
             if len(tiles) < args.sheet and k.view is not None:
                 tiles.append(overlay(k))

@@ -8,10 +8,10 @@ import numpy as np
 
 from klgrade.measure.jsw import JSW, failed, measure_knee
 from klgrade.measure.overlay import draw
-from klgrade.view.entrance import Knee, film_knees, make_view
+from klgrade.view.entrance import Knee, at_locate_scale, film_views, make_view, read_film
 
 TILE = 192  # overlay tile size (px) of the contact sheet
-# views this size are cut from the array JSW is measured on (view.entrance.Knee.at_locate_scale)
+# views this size are cut from the array JSW is measured on (view.entrance.at_locate_scale)
 MEASURE_PX = TILE
 
 
@@ -28,22 +28,23 @@ def knees_from_file(path: str | Path, img_size: int, display: str | None = None,
     serve all measure here. ``mm_per_px``: the pixel size of a file that states none. The JSW is
     measured at one scale whatever the view size (the film reduced as prepare oai locates it), so
     every command gives a knee the same numbers. Raises ViewError naming the file."""
-    layout, knees = film_knees(path, img_size, display, mm_per_px=mm_per_px)
+    name = display or str(path)
+    film = read_film(path, display, mm_per_px)
+    layout, knees = film_views(film, img_size, name)
     if jsw:
-        on = knees
-        if not all(k.at_locate_scale for k in knees):  # a large view cut from finer pixels
-            on = film_knees(path, MEASURE_PX, display, mm_per_px=mm_per_px)[1]
-        named = laterality_from_name(display or path)
+        # a large view is cut from finer pixels: measure on the locator's views of the same film
+        on = knees if at_locate_scale(film, img_size) else film_views(film, MEASURE_PX, name)[1]
+        named = laterality_from_name(name)
         for k, m in zip(knees, on):
-            k.jsw, k.measured_on = _measure(m, named), m
+            k.jsw, k.measured_on = jsw_of(m, named), m
     return layout, knees
 
 
-def _measure(k: Knee, named: str | None = None) -> JSW:
-    """The knee's JSW. Which side is medial: a bilateral film's half knows; a single knee of known
-    side (DICOM laterality) is in the canonical orientation (a left one mirrored); a prepared crop
-    says so by its stated joint (``measure_knee``); one of unknown side may say it in its file name
-    (``named``, kneeKL224: film orientation); else the fibula decides."""
+def jsw_of(k: Knee, named: str | None = None) -> JSW:
+    """The JSW of a knee film_knees made. Which side is medial: a bilateral film's half knows; a
+    single knee of known side (DICOM laterality) is in the canonical orientation (a left one
+    mirrored); a prepared crop says so by its stated joint (``measure_knee``); one of unknown side
+    may say it in its file name (``named``, kneeKL224: film orientation); else the fibula decides."""
     img, spacing, view_side = k.source
     if not k.info.ok:  # (a knee of a bilateral film is not graded then either)
         return failed(f"joint not located: {k.info.reason}", "mm" if spacing else "%plateau")
@@ -55,5 +56,6 @@ def overlay(k: Knee, size: int = TILE) -> np.ndarray:
     """RGB tile of the knee's view at ``size`` with its measured lines drawn (canonical orientation)."""
     m = k.measured_on or k
     img, spacing, side = m.source
-    view = m.view if m.view is not None and m.view.shape[0] == size else make_view(img, size, spacing_mm=spacing, side=side)[0]
-    return draw(view, k.jsw, m.info)
+    if m.view is not None and m.view.shape[0] == size:
+        return draw(m.view, k.jsw, m.info)
+    return draw(make_view(img, size, spacing_mm=spacing, side=side)[0], k.jsw, m.info)

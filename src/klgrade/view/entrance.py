@@ -49,9 +49,6 @@ class Knee:
     info: ViewInfo | None = field(default=None, repr=False)  # how the view was made
     jsw: object = None  # klgrade.measure.JSW, when the caller measured it
     measured_on: Knee | None = field(default=None, repr=False)  # the knee ``jsw``'s points refer to
-    # the view was cut from the array prepare oai locates (the film reduced by locate_factor), the
-    # scale joint space width is measured at; False when a large view needed finer pixels
-    at_locate_scale: bool = True
 
 
 def make_view(image: np.ndarray, size: int, spacing_mm=None, side: str | None = None,
@@ -73,9 +70,15 @@ class Film(NamedTuple):
     inverted: bool = False  # stored with bone dark (no polarity stated): read inverted
 
 
-def read_film(path: str | Path, display: str | None = None) -> Film:
+def read_film(path: str | Path, display: str | None = None, mm_per_px: float | None = None) -> Film:
     """An image file's pixels, spacing, laterality and stated joint (see ``Film``); ViewError
-    naming ``display`` (default: the path) when it cannot be read."""
+    naming ``display`` (default: the path) when it cannot be read. ``mm_per_px``: the pixel size
+    of a file that states none (a spacing the file states wins)."""
+    film = _read_film(path, display)
+    return film._replace(spacing=float(mm_per_px)) if film.spacing is None and mm_per_px is not None else film
+
+
+def _read_film(path: str | Path, display: str | None) -> Film:
     from klgrade.ingest.dicom import DicomError, radiograph_from_dataset, read_dataset
     from klgrade.ingest.images import ImageReadError, is_dicom, read_image_stated
 
@@ -103,19 +106,20 @@ def film_knees(path: str | Path, size: int, display: str | None = None,
     """Read an image file and make the view of each knee in it: (layout, knees).
 
     A bilateral film gives the knees of ``sides`` (default: right, then left); anything else one
-    knee, whose side comes from the DICOM's (Image)Laterality when present. ``mm_per_px``: the pixel
-    size of a file that states none (a spacing the file states wins). Raises ViewError naming
-    ``display`` (default: the path).
+    knee, whose side comes from the DICOM's (Image)Laterality when present. ``mm_per_px``: see
+    ``read_film``. Raises ViewError naming ``display`` (default: the path).
     """
+    return film_views(read_film(path, display, mm_per_px), size, display or str(path), sides)
+
+
+def film_views(film: Film, size: int, name: str, sides: tuple[str, ...] = ("R", "L")) -> tuple[str, list[Knee]]:
+    """``film_knees`` of a film already read (``name``: the file, for the ViewError)."""
     import cv2
 
-    film = read_film(path, display)
-    if film.spacing is None and mm_per_px is not None:
-        film = film._replace(spacing=float(mm_per_px))
     try:
         layout, knees = _film_views(film, size, sides)
     except (ValueError, ArithmeticError, IndexError, cv2.error) as e:  # degenerate images (flat, tiny)
-        raise ViewError(f"{display or path}: cannot make a knee view ({type(e).__name__}: {e})") from e
+        raise ViewError(f"{name}: cannot make a knee view ({type(e).__name__}: {e})") from e
     if film.inverted:
         from klgrade.ingest.polarity import NOTE
 
@@ -124,11 +128,17 @@ def film_knees(path: str | Path, size: int, display: str | None = None,
     return layout, knees
 
 
-def _film_views(film: Film, size: int, sides: tuple[str, ...]) -> tuple[str, list[Knee]]:
+def at_locate_scale(film: Film, size: int) -> bool:
+    """Are the ``size`` views of ``film`` cut from the array prepare oai locates (the film reduced
+    by locate_factor)? False when a large view needs finer pixels."""
     from klgrade.ingest.roi import locate_factor
 
+    shape = film.pixels.shape
+    return view_factor(shape, film.spacing, size) == locate_factor(film.spacing, shape)
+
+
+def _film_views(film: Film, size: int, sides: tuple[str, ...]) -> tuple[str, list[Knee]]:
     img, spacing, laterality, joint, _ = film
-    at_locate_scale = view_factor(img.shape, spacing, size) == locate_factor(spacing, img.shape)
     img, spacing, factor = reduce_for_view(img, spacing, size)
     if joint is not None:  # stated in the file's pixels: in the reduced image's
         joint = ((joint[0] + 0.5) / factor - 0.5, (joint[1] + 0.5) / factor - 0.5)
@@ -138,16 +148,11 @@ def _film_views(film: Film, size: int, sides: tuple[str, ...]) -> tuple[str, lis
         cut = split_legs(img, spacing)
         # The two knees' views are independent and mostly GIL-free (OpenCV, NumPy): make them
         # in parallel, which takes their cost off the critical path on an idle machine.
-        knees = list(_view_pool().map(lambda side: _knee(img, spacing, side, size, factor, cut), sides))
-        layout = "bilateral"
-    else:
-        side = laterality or "U"
-        if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
-            img = np.ascontiguousarray(img[:, ::-1])
-        knees, layout = [_knee(img, spacing, side, size, factor, joint=joint)], "unilateral"
-    for k in knees:
-        k.at_locate_scale = at_locate_scale
-    return layout, knees
+        return "bilateral", list(_view_pool().map(lambda side: _knee(img, spacing, side, size, factor, cut), sides))
+    side = laterality or "U"
+    if side == "L":  # a single left knee: mirrored into the canonical (right-knee) orientation
+        img = np.ascontiguousarray(img[:, ::-1])
+    return "unilateral", [_knee(img, spacing, side, size, factor, joint=joint)]
 
 
 def view_file(path: str | Path, size: int, side: str | None = None) -> tuple[np.ndarray, ViewInfo]:
