@@ -72,6 +72,9 @@ def main() -> None:
     if tr.channels_last:
         xr = xr.contiguous(memory_format=torch.channels_last)
     yr = torch.randint(0, 5, (b,), device=dev)
+    # evaluation runs in its own measured precision and layout (Trainer.predict switches to them)
+    layout = {True: torch.channels_last, False: torch.contiguous_format}
+    xe = xr.contiguous(memory_format=layout[tr.eval_channels_last])
     epoch = [0]
 
     def real_train() -> float:
@@ -112,7 +115,7 @@ def main() -> None:
         sync()
         t = time.perf_counter()
         predict_batches(model, itertools.islice(batches(), args.steps), tr.built.mean, tr.built.std,
-                        dev, "none", tr.amp_dtype, tr.channels_last, n=len(tr.data.df))
+                        dev, "none", tr.eval_amp_dtype, tr.eval_channels_last, n=len(tr.data.df))
         sync()
         return args.steps * b / (time.perf_counter() - t)
 
@@ -121,25 +124,33 @@ def main() -> None:
         model.eval()
         sync()
         t = time.perf_counter()
-        out = [forward_probs(model, xr, "none", tr.amp_dtype) for _ in range(args.steps)]
+        out = [forward_probs(model, xe, "none", tr.eval_amp_dtype) for _ in range(args.steps)]
         torch.cat(out).cpu()
         sync()
         return args.steps * b / (time.perf_counter() - t)
 
+    def evaluating(fn):  # fn timed with the model in the evaluation layout (switched untimed)
+        model.to(memory_format=layout[tr.eval_channels_last])
+        try:
+            return fn()
+        finally:
+            model.to(memory_format=layout[tr.channels_last])
+
     # warm-up (allocator, cudnn autotune, page cache) not timed
-    real_train(), random_train(), real_eval(), random_eval()
+    real_train(), random_train(), evaluating(real_eval), evaluating(random_eval)
     res = {k: [] for k in ("train_real", "train_random", "eval_real", "eval_random")}
     for _ in range(args.rounds):
         res["train_real"].append(real_train())
         res["train_random"].append(random_train())
-        res["eval_real"].append(real_eval())
-        res["eval_random"].append(random_eval())
+        res["eval_real"].append(evaluating(real_eval))
+        res["eval_random"].append(evaluating(random_eval))
     med = {k: statistics.median(v) for k, v in res.items()}
     out = {
         "model": args.model, "img_size": s, "batch_size": b, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else os.uname().machine,
         "threads": torch.get_num_threads(), "workers": args.workers, "steps_per_round": args.steps,
         "rounds": args.rounds, "amp_dtype": str(tr.amp_dtype), "channels_last": tr.channels_last,
+        "eval_amp_dtype": str(tr.eval_amp_dtype), "eval_channels_last": tr.eval_channels_last,
         "images_per_s": {k: round(v, 2) for k, v in med.items()},
         "train_ratio": round(med["train_real"] / med["train_random"], 3),
         "eval_ratio": round(med["eval_real"] / med["eval_random"], 3),

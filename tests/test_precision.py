@@ -68,10 +68,11 @@ def test_cpu_model_input_is_bit_equal_to_the_torch_normalisation(channels_last, 
 
     from klgrade.view.batches import normalize, views_to_tensor
 
-    views = np.random.default_rng(0).integers(0, 256, (3, 40, 40), dtype=np.uint8)
+    views = np.random.default_rng(0).integers(0, 256, (5, 40, 40), dtype=np.uint8)
+    views[0].flat[:256] = np.arange(256)  # every grey level
     got = views_to_tensor(views, mean, std, "cpu", channels_last=channels_last)
     want = normalize(torch.from_numpy(views).unsqueeze(1).float().div_(255.0), mean, std, channels_last)
-    assert got.dtype == torch.float32 and got.shape == (3, 3, 40, 40)
+    assert got.dtype == torch.float32 and got.shape == (5, 3, 40, 40)
     assert torch.equal(got, want)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert got.is_contiguous(memory_format=fmt)
