@@ -143,6 +143,20 @@ def test_pacs_grades_equal_predict(first_run, client, films, tiny_cnn_run):
         for g, k in zip(groups, local):
             np.testing.assert_allclose(g["probabilities"], k["probabilities"], atol=1e-6)
             assert g["expected_grade"] == pytest.approx(k["expected_grade"], abs=1e-4)
+            assert_same_jsw(g["jsw"], k["jsw"])
+
+
+def assert_same_jsw(from_sr: dict, from_predict: dict) -> None:
+    """The SR's JSW measurements are the numbers `predict --json` gives (both measured compartments)."""
+    assert from_predict["unit"] == "mm"
+    for c in ("medial", "lateral"):
+        want = from_predict[c]
+        if want["min"] is None:
+            assert from_sr[c]["finding"] == f"{c.capitalize()} joint space not measured"
+            continue
+        assert from_sr[c]["unit"] == "mm"
+        assert from_sr[c]["min"] == pytest.approx(want["min"], abs=1e-6)
+        assert from_sr[c]["mean"] == pytest.approx(want["mean"], abs=1e-6)
 
 
 def test_sr_and_sc_copy_the_source_identity(first_run, client, films):
@@ -272,11 +286,51 @@ def test_predict_dicom_out_writes_the_same_sr_and_sc(tmp_path, films, tiny_cnn_r
     srs, scs = sorted((tmp_path / "dcm").glob("*_sr.dcm")), sorted((tmp_path / "dcm").glob("*_sc.dcm"))
     assert len(srs) == 1 and len(scs) == 1
     sr = hd.sr.srread(srs[0])
-    assert [g["klg"] for g in read_groups(sr)] == [k["klg"] for k in local]
-    assert pydicom.dcmread(scs[0]).pixel_array.shape[2] == 3
+    groups = read_groups(sr)
+    assert [g["klg"] for g in groups] == [k["klg"] for k in local]
+    assert sum(k["jsw"]["medial"]["min"] is not None for k in local) == 2  # both knees measured
+    for g, k in zip(groups, local):
+        assert_same_jsw(g["jsw"], k["jsw"])
+    capture = pydicom.dcmread(scs[0]).pixel_array
+    assert capture.shape[2] == 3
+    # the measured lines are in the capture: right of the Grad-CAM panels, the knees' gray views
+    # carry the condyle margins (cyan) and plateau margins (yellow) the page draws
+    from klgrade.clinic.pacs.sc import PANEL
+
+    r, g, b = (capture[:, -PANEL - 8:, i].astype(int) for i in range(3))
+    assert ((r < 100) & (g > 150) & (b > 180)).sum() > 50  # cyan
+    assert ((r > 180) & (g > 150) & (b < 100)).sum() > 50  # yellow
     png = next(synth_png.rglob("*.png"))
     rc, out = cli("predict", str(png), "--run", str(tiny_cnn_run), "--dicom-out", str(tmp_path / "dcm2"))
     assert rc == 1 and "--dicom-out needs a DICOM input" in out and "Traceback" not in out
+
+
+def test_sr_jsw_in_relative_units_and_flags_round_trip(films):
+    """A film without pixel spacing gives % of the plateau width, a collapsed compartment 0 with
+    its finding, an unmeasured one its finding and no number: all read back through highdicom."""
+    from klgrade.clinic.pacs.grading import InstanceResult, ModelInfo
+    from klgrade.clinic.pacs.sr import build_sr, read_groups
+
+    header = pydicom.dcmread(films["knees"][0], stop_before_pixels=True)
+    jsw = {"unit": "%plateau", "ok": False, "reason": "lateral: margins not found", "note": None,
+           "medial_side": "right",
+           "medial": {"min": 0.0, "mean": 0.412, "ok": True, "flag": "bone_on_bone", "reason": None},
+           "lateral": {"min": None, "mean": None, "ok": False, "flag": "not_measured", "reason": "margins not found"}}
+    knee = {"side": "R", "side_name": "right", "klg": 4, "probabilities": [0, 0, 0.1, 0.2, 0.7],
+            "expected_grade": 3.6, "jsw": jsw}
+    model = ModelInfo(name="m", description="d", version="0", fingerprint="ab" * 20)
+    sr = build_sr([InstanceResult(header=header, knees=[knee])], model, "1.2.3.4", "1.2.3.5")
+    (group,) = read_groups(sr.__class__.from_dataset(pydicom.dcmread(io.BytesIO(_bytes(sr)))))
+    assert group["jsw"] == {
+        "medial": {"min": 0.0, "mean": pytest.approx(0.412), "unit": "%", "finding": "Medial compartment bone on bone"},
+        "lateral": {"min": None, "mean": None, "unit": None, "finding": "Lateral joint space not measured"}}
+    assert "JSWREL" in str(sr)  # the method: relative to the plateau width
+
+
+def _bytes(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 @pytest.mark.parametrize("header, reason", [

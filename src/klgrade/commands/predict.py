@@ -92,6 +92,8 @@ def _unique(path, used: set):
 
 
 def _print_table(results: list[dict]) -> None:
+    from klgrade.measure.overlay import caption as jsw_caption
+
     for res in results:
         print(f"{res['file']} ({res['layout']})")
         for k in res["knees"]:
@@ -107,7 +109,7 @@ def _print_table(results: list[dict]) -> None:
                 line += f"  (no heatmap: {k['heatmap_unavailable']})"
             print(line)
             if k.get("jsw"):
-                print(f"           JSW: {_jsw_text(k['jsw'])}")
+                print(f"           JSW: {jsw_caption(k['jsw'])}")
             if k.get("note"):
                 print(f"           note: {k['note']}")
 
@@ -131,14 +133,3 @@ def _dicom_out(grader, f, out_dir, model, keep_heatmaps: bool) -> dict:
         if not keep_heatmaps:
             k.pop("_heatmap_png", None)
     return {"layout": res.layout, "knees": res.knees, "dicom": [str(p) for p in written]}
-
-
-def _jsw_text(j: dict) -> str:
-    """'medial 3.12 mm, lateral 5.60 mm' (0 = bone on bone; '-' = not measured, with the reason)."""
-    unit = "mm" if j["unit"] == "mm" else "% of plateau width"
-    parts = []
-    for name in ("medial", "lateral"):
-        c = j[name]
-        v = "not measured" if c["min"] is None else f"{c['min']:.2f} {unit}"
-        parts.append(f"{name} {v}" + (" (bone on bone)" if c["flag"] == "bone_on_bone" else ""))
-    return ", ".join(parts) + (f"  ({j['reason']})" if j.get("reason") and not j["ok"] else "")

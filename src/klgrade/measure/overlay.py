@@ -64,6 +64,18 @@ def label(jsw) -> str:
     return f"M {one(jsw.medial)} L {one(jsw.lateral)} {unit}"
 
 
+def caption(jsw: dict) -> str:
+    """'medial 3.12 mm, lateral 5.60 mm' from a JSW's ``as_dict`` (0 with '(bone on bone)' for a
+    collapsed compartment; 'not measured', and the reason when neither was)."""
+    unit = "mm" if jsw["unit"] == "mm" else "% of plateau width"
+    parts = []
+    for name in ("medial", "lateral"):
+        c = jsw[name]
+        v = "not measured" if c["min"] is None else f"{c['min']:.2f} {unit}"
+        parts.append(f"{name} {v}" + (" (bone on bone)" if c["flag"] == "bone_on_bone" else ""))
+    return ", ".join(parts) + (f"  ({jsw['reason']})" if jsw.get("reason") and not jsw["ok"] else "")
+
+
 def contact_sheet(tiles: list[np.ndarray], captions: list[str], path, cols: int = 6) -> None:
     """A grid of RGB tiles (same size) with a caption under each, written atomically as PNG."""
     from PIL import Image, ImageDraw

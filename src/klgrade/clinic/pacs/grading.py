@@ -7,7 +7,8 @@
   and must not be a lateral view (the models grade PA/AP films);
 - a knee whose joint the locator could not find is refused, not graded as a centred crop
   (``predict`` grades that crop with a note; a stored result must not guess);
-- the film as graded (for the Secondary Capture) and the model's identity (for both results).
+- the film as graded and each knee's measured joint space drawn on its view (for the Secondary
+  Capture), and the model's identity (for both results).
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ class InstanceResult:
     knees: list[dict] = field(default_factory=list)  # Grader.grade dicts (heatmaps as _heatmap_png)
     film: np.ndarray | None = None  # the film as graded: float [0, 1], film orientation, maybe reduced
     film_scale: float = 1.0  # film px per source px (knee locations are in source px)
+    # per knee (same order): RGB view with the measured JSW lines, film orientation; None: not measured
+    jsw_overlays: list = field(default_factory=list)
     reason: str = ""  # why nothing was graded
 
     @property
@@ -119,7 +122,20 @@ def grade_instance(grader, path: str | Path, header, display: str = "instance") 
     if not res.graded:
         res.reason = "; ".join(k.get("error", "") for k in res.knees) or "no knee found"
     res.film, res.film_scale = _film(knees, header)
+    res.jsw_overlays = [_jsw_overlay(k) for k in knees]
     return res
+
+
+def _jsw_overlay(knee) -> np.ndarray | None:
+    """The knee at the clinic's display size with its measured margins and minima drawn, in the
+    film's orientation (the lines ``predict``'s page draws); None when nothing was measured."""
+    from klgrade.clinic.grader import DISPLAY_PX, unflip
+    from klgrade.measure.files import overlay
+
+    j = knee.jsw
+    if knee.view is None or j is None or not (j.medial.ok or j.lateral.ok):
+        return None
+    return unflip(knee, overlay(knee, DISPLAY_PX))
 
 
 def _film(knees, header) -> tuple[np.ndarray | None, float]:

@@ -2,9 +2,10 @@
 
 Layout: a red banner "NOT FOR PRIMARY DIAGNOSIS" with the model's name and weights fingerprint; the
 film (as graded, film orientation, the patient's right knee on the image's left) with each knee's
-grade written at its joint; to its right the Grad-CAM overlays of the knees (the clinic's own
-``Grader.grade`` PNGs), right knee first, each captioned with grade, expected grade and
-probabilities. RGB, 8 bit, written with highdicom; Burned In Annotation YES. No patient data is
+grade written at its joint; to its right, per knee (right knee first), the Grad-CAM overlay (the
+clinic's own ``Grader.grade`` PNG) and the knee with its measured joint space (condyle margin cyan,
+plateau margin yellow, each compartment's minimum red), captioned with grade, expected grade,
+probabilities and the medial and lateral JSW. RGB, 8 bit, written with highdicom; Burned In Annotation YES. No patient data is
 drawn: the viewer shows the copied header.
 """
 from __future__ import annotations
@@ -16,11 +17,13 @@ import numpy as np
 
 from klgrade.clinic.pacs.grading import InstanceResult, ModelInfo
 from klgrade.clinic.pacs.sr import copy_identity, evidence_header
+from klgrade.measure.overlay import caption as jsw_caption
 
 BANNER = "NOT FOR PRIMARY DIAGNOSIS"
 FILM_H = 768  # rows of the film in the capture: enough to read the joints, small enough to store fast
 PANEL = 384  # the clinic's overlay size (klgrade.clinic.grader.DISPLAY_PX)
 HEADER_H = 64
+CAPTION_H = 68  # three caption lines above each knee's panels
 
 
 def series_description(model: ModelInfo) -> str:
@@ -37,7 +40,8 @@ def _caption(knee: dict) -> str:
     if knee.get("klg") is None:
         return f"{knee['side_name']} knee: not graded"
     probs = " ".join(f"{p:.2f}" for p in knee["probabilities"])
-    return f"{knee['side_name']} knee: KL {knee['klg']} (expected {knee['expected_grade']:.2f})\np(KL0-4) {probs}"
+    text = f"{knee['side_name']} knee: KL {knee['klg']} (expected {knee['expected_grade']:.2f})\np(KL0-4) {probs}"
+    return text + (f"\nJSW {jsw_caption(knee['jsw'])}" if knee.get("jsw") else "")
 
 
 def compose(res: InstanceResult, model: ModelInfo) -> np.ndarray:
@@ -48,8 +52,11 @@ def compose(res: InstanceResult, model: ModelInfo) -> np.ndarray:
     scale = FILM_H / film.shape[0]
     fw = max(1, round(film.shape[1] * scale))
     film_img = Image.fromarray(film).resize((fw, FILM_H), Image.Resampling.BILINEAR).convert("RGB")
-    knees = sorted(res.knees, key=lambda k: {"R": 0, "L": 1}.get(k["side"], 2))
-    width, height = fw + PANEL + 16, HEADER_H + max(FILM_H, len(knees) * (PANEL + 48))
+    order = sorted(range(len(res.knees)), key=lambda i: {"R": 0, "L": 1}.get(res.knees[i]["side"], 2))
+    knees = [res.knees[i] for i in order]
+    jsw_tiles = [res.jsw_overlays[i] if i < len(res.jsw_overlays) else None for i in order]
+    panels = 2 if any(t is not None for t in jsw_tiles) else 1
+    width, height = fw + panels * (PANEL + 8) + 8, HEADER_H + max(FILM_H, len(knees) * (PANEL + CAPTION_H))
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     draw.rectangle((0, 0, width, HEADER_H - 4), fill=(160, 0, 0))
@@ -57,13 +64,15 @@ def compose(res: InstanceResult, model: ModelInfo) -> np.ndarray:
     draw.text((8, 36), f"klgrade {model.version} | run {model.name} | {model.description} | "
                        f"weights sha1 {model.short}", fill=(255, 255, 255), font=_font(16))
     canvas.paste(film_img, (0, HEADER_H))
-    for i, k in enumerate(knees):
-        y = HEADER_H + i * (PANEL + 48)
+    for i, (k, tile) in enumerate(zip(knees, jsw_tiles)):
+        y = HEADER_H + i * (PANEL + CAPTION_H)
         draw.text((fw + 8, y + 2), _caption(k), fill=(255, 255, 0), font=_font(15))
         png = k.get("_heatmap_png")
         if png is not None:
             panel = Image.open(io.BytesIO(png)).convert("RGB").resize((PANEL, PANEL))
-            canvas.paste(panel, (fw + 8, y + 44))
+            canvas.paste(panel, (fw + 8, y + CAPTION_H - 4))
+        if tile is not None:
+            canvas.paste(Image.fromarray(tile).resize((PANEL, PANEL)), (fw + PANEL + 16, y + CAPTION_H - 4))
         loc = k.get("location")
         if loc is not None:  # the grade at the joint it belongs to (locations are in source px)
             x = loc["x"] * res.film_scale * scale

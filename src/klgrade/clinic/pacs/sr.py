@@ -2,8 +2,11 @@
 
 One measurement group per knee (TID 1501): finding site knee joint with laterality coded (SCT),
 the KL grade as a qualitative evaluation, the five grade probabilities and the expected grade as
-numeric measurements, the source image referenced, and the algorithm (klgrade run name, version,
-weights fingerprint) identified on the group and every measurement. An instance or knee that was
+numeric measurements, the joint space width behind the grade (each compartment's minimum and
+central-band mean, in mm, or in % of the tibial plateau width when the film states no pixel
+spacing; a collapsed compartment is 0 with a "bone on bone" evaluation; a compartment that could not
+be measured is left out and said so), the source image referenced, and the algorithm (klgrade run
+name, version, weights fingerprint) identified on the group and every measurement. An instance or knee that was
 not graded gets a group whose tracking identifier reads "not graded: <reason>" and whose KL grade
 is the code "Not graded". KL grades have no standard code, so they use a private coding scheme
 (``99KLGRADE``, declared in the Coding Scheme Identification Sequence).
@@ -27,6 +30,20 @@ EXPECTED = Code("EKLG", SCHEME, "Expected KL grade")
 UNITY = Code("1", "UCUM", "no units")
 GRADE_UNIT = Code("{grade}", "UCUM", "grade")
 OSTEOARTHRITIS = Code("396275006", "SCT", "Osteoarthritis")
+# No standard code names one compartment's JSW (SNOMED/RadLex code the finding, narrowing), so these
+# are the private scheme's too.
+COMPARTMENTS = ("medial", "lateral")
+JSW_MIN = {c: Code(f"JSWMIN{c[0].upper()}", SCHEME, f"{c.capitalize()} minimum joint space width")
+           for c in COMPARTMENTS}
+JSW_MEAN = {c: Code(f"JSWMEAN{c[0].upper()}", SCHEME, f"{c.capitalize()} mean joint space width")
+            for c in COMPARTMENTS}
+JSW_FINDING = Code("JSWF", SCHEME, "Joint space finding")
+BONE_ON_BONE = {c: Code(f"BOB{c[0].upper()}", SCHEME, f"{c.capitalize()} compartment bone on bone")
+                for c in COMPARTMENTS}
+JSW_NOT_MEASURED = {c: Code(f"JSWNM{c[0].upper()}", SCHEME, f"{c.capitalize()} joint space not measured")
+                    for c in COMPARTMENTS}
+JSW_UNITS = {"mm": Code("mm", "UCUM", "millimeter"), "%plateau": Code("%", "UCUM", "percent")}
+RELATIVE_TO_PLATEAU = Code("JSWREL", SCHEME, "Relative to the tibial plateau width (no pixel spacing)")
 LATERALITY = {"R": codes.SCT.Right, "L": codes.SCT.Left}
 # Type 2 Patient/Study attributes highdicom reads from the evidence; a source without them gets
 # them empty (what type 2 means), never a made-up value.
@@ -73,10 +90,34 @@ def _group(res: InstanceResult, knee: dict | None, algo, uid_seed: str) -> hd.sr
                             for g, p in enumerate(knee["probabilities"])]
             measurements.append(hd.sr.Measurement(name=EXPECTED, value=float(knee["expected_grade"]),
                                                   unit=GRADE_UNIT, algorithm_id=algo))
+    evaluations = [hd.sr.QualitativeEvaluation(name=KL_GRADE, value=value)]
+    if knee is not None and knee.get("klg") is not None and knee.get("jsw"):
+        jsw_values, jsw_findings = _jsw_items(knee["jsw"], algo)
+        measurements += jsw_values
+        evaluations += jsw_findings
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=derived_uid(uid_seed, "tracking"), identifier=label),
         finding_type=OSTEOARTHRITIS, algorithm_id=algo, finding_sites=sites, measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=KL_GRADE, value=value)], source_images=src)
+        qualitative_evaluations=evaluations, source_images=src)
+
+
+def _jsw_items(jsw: dict, algo) -> tuple[list, list]:
+    """A knee's JSW (Grader.grade's ``jsw`` dict): its measurements and its findings."""
+    unit = JSW_UNITS[jsw["unit"]]
+    method = RELATIVE_TO_PLATEAU if jsw["unit"] != "mm" else None
+    values, findings = [], []
+    for c in COMPARTMENTS:
+        comp = jsw[c]
+        if comp["min"] is None:
+            findings.append(hd.sr.QualitativeEvaluation(name=JSW_FINDING, value=JSW_NOT_MEASURED[c]))
+            continue
+        for name, v in ((JSW_MIN[c], comp["min"]), (JSW_MEAN[c], comp["mean"])):
+            if v is not None:
+                values.append(hd.sr.Measurement(name=name, value=float(v), unit=unit, method=method,
+                                                algorithm_id=algo))
+        if comp["flag"] == "bone_on_bone":
+            findings.append(hd.sr.QualitativeEvaluation(name=JSW_FINDING, value=BONE_ON_BONE[c]))
+    return values, findings
 
 
 def build_sr(results: list[InstanceResult], model: ModelInfo, series_uid: str, sop_uid: str,
@@ -130,5 +171,18 @@ def read_groups(sr) -> list[dict]:
         exp = g.get_measurements(name=EXPECTED)[0].value if code != "NOTGRADED" else None
         out.append({"label": g.tracking_identifier, "laterality": lat,
                     "klg": int(code[2:]) if code and code.startswith("KL") else None,
-                    "probabilities": probs, "expected_grade": exp})
+                    "probabilities": probs, "expected_grade": exp, "jsw": _read_jsw(g)})
     return out
+
+
+def _read_jsw(group) -> dict | None:
+    """{compartment: {'min', 'mean', 'unit', 'finding'}} of a group written by ``_jsw_items``."""
+    findings = {ev.value.value for ev in group.get_qualitative_evaluations(name=JSW_FINDING)}
+    out = {}
+    for c in COMPARTMENTS:
+        got = {k: group.get_measurements(name=code[c]) for k, code in (("min", JSW_MIN), ("mean", JSW_MEAN))}
+        finding = next((code.meaning for code in (BONE_ON_BONE[c], JSW_NOT_MEASURED[c]) if code.value in findings), None)
+        if got["min"] or finding:
+            unit = got["min"][0].unit.value if got["min"] else None
+            out[c] = {k: (v[0].value if v else None) for k, v in got.items()} | {"unit": unit, "finding": finding}
+    return out or None
