@@ -161,12 +161,9 @@ class Grader:
             disp = unflip(k, canon) if canon is not None else None
             if include_view:
                 r["view"] = data_url(png_bytes(disp))
-                if k.jsw is not None and k.info is not None and (k.jsw.medial.ok or k.jsw.lateral.ok):
-                    from klgrade.measure.overlay import draw
-
-                    m = k.measured_on or k  # the knee the JSW's points refer to
-                    r["jsw_view"] = data_url(png_bytes(unflip(k, draw(canon if m is k else display_view(m),
-                                                                       k.jsw, m.info))))
+                lines = jsw_display(k, canon)
+                if lines is not None:
+                    r["jsw_view"] = data_url(png_bytes(lines))
             if heatmaps:
                 if cams is not None:
                     cam = unflip(k, resize_map(cams[i], disp.shape))
@@ -219,6 +216,19 @@ def display_view(knee: Knee) -> np.ndarray:
         return knee.view
     img, spacing, side = knee.source
     return make_view(img, DISPLAY_PX, spacing_mm=spacing, side=side)[0]
+
+
+def jsw_display(knee: Knee, canon: np.ndarray | None = None) -> np.ndarray | None:
+    """The knee at DISPLAY_PX with its measured margins and minima drawn, in the film's orientation
+    (serve's page, the PACS capture); None when nothing was measured. ``canon``: the knee's
+    ``display_view`` when the caller has made it already."""
+    from klgrade.measure.files import overlay
+
+    j = knee.jsw
+    if knee.view is None or j is None or knee.info is None or not (j.medial.ok or j.lateral.ok):
+        return None
+    m = knee.measured_on or knee  # the knee the JSW's points refer to
+    return unflip(knee, overlay(knee, DISPLAY_PX, view=canon if m is knee else None))
 
 
 def unflip(knee: Knee, img: np.ndarray) -> np.ndarray:

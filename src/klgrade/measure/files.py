@@ -52,10 +52,13 @@ def jsw_of(k: Knee, named: str | None = None) -> JSW:
     return measure_knee(img, spacing, view_side, info=k.info, laterality=laterality)
 
 
-def overlay(k: Knee, size: int = TILE) -> np.ndarray:
-    """RGB tile of the knee's view at ``size`` with its measured lines drawn (canonical orientation)."""
+def overlay(k: Knee, size: int = TILE, view: np.ndarray | None = None) -> np.ndarray:
+    """RGB tile of the knee's view at ``size`` with its measured lines drawn (canonical orientation).
+    ``view``: the measured knee's view at ``size`` when the caller has made it already."""
     m = k.measured_on or k
-    img, spacing, side = m.source
-    if m.view is not None and m.view.shape[0] == size:
-        return draw(m.view, k.jsw, m.info)
-    return draw(make_view(img, size, spacing_mm=spacing, side=side)[0], k.jsw, m.info)
+    if view is None and m.view is not None and m.view.shape[0] == size:
+        view = m.view
+    if view is None:
+        img, spacing, side = m.source
+        view = make_view(img, size, spacing_mm=spacing, side=side)[0]
+    return draw(view, k.jsw, m.info)

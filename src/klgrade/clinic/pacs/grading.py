@@ -104,7 +104,7 @@ def grade_instance(grader, path: str | Path, header, display: str = "instance") 
 
     Never raises for an ungradable image: the result's ``reason`` (or a knee's ``error``) says why.
     """
-    from klgrade.clinic.grader import ClinicError
+    from klgrade.clinic.grader import ClinicError, jsw_display
 
     res = InstanceResult(header=header)
     res.reason = skip_reason(header)
@@ -122,20 +122,8 @@ def grade_instance(grader, path: str | Path, header, display: str = "instance") 
     if not res.graded:
         res.reason = "; ".join(k.get("error", "") for k in res.knees) or "no knee found"
     res.film, res.film_scale = _film(knees, header)
-    res.jsw_overlays = [_jsw_overlay(k) for k in knees]
+    res.jsw_overlays = [jsw_display(k) for k in knees]  # the lines serve's page draws
     return res
-
-
-def _jsw_overlay(knee) -> np.ndarray | None:
-    """The knee at the clinic's display size with its measured margins and minima drawn, in the
-    film's orientation (the lines ``predict``'s page draws); None when nothing was measured."""
-    from klgrade.clinic.grader import DISPLAY_PX, unflip
-    from klgrade.measure.files import overlay
-
-    j = knee.jsw
-    if knee.view is None or j is None or not (j.medial.ok or j.lateral.ok):
-        return None
-    return unflip(knee, overlay(knee, DISPLAY_PX))
 
 
 def _film(knees, header) -> tuple[np.ndarray | None, float]:
