@@ -5,8 +5,9 @@ model, optimizer and step on random tensors of the same shape, same threads.
     .venv/bin/python benchmarks/bench_train_throughput.py                      # kneeKL224, resnet18, 224 px
     .venv/bin/python benchmarks/bench_train_throughput.py --device cuda --batch-size 128 --steps 40
 
-Rounds alternate real/random so a noisy shared machine hurts both sides alike; the ratio is the
-median over rounds. Writes benchmarks/results/train_throughput_<device>_<model>_<size>.json.
+Rounds alternate real/random so a noisy shared machine hurts both sides alike; each ratio is the
+median over rounds of that round's real/random pair (``paired_ratios`` keeps them all, and the
+quartiles say how far they spread; ``ratio_of_medians`` is what earlier runs reported). Writes benchmarks/results/train_throughput_<device>_<model>_<size>.json.
 """
 from __future__ import annotations
 
@@ -145,6 +146,9 @@ def main() -> None:
         res["eval_real"].append(evaluating(real_eval))
         res["eval_random"].append(evaluating(random_eval))
     med = {k: statistics.median(v) for k, v in res.items()}
+    # A round's two sides ran back to back, so their ratio cancels the machine's drift between
+    # rounds (+-20-30% on a shared VM), which a ratio of the two medians does not.
+    paired = {kind: [r / q for r, q in zip(res[f"{kind}_real"], res[f"{kind}_random"])] for kind in ("train", "eval")}
     out = {
         "model": args.model, "img_size": s, "batch_size": b, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else os.uname().machine,
@@ -152,8 +156,12 @@ def main() -> None:
         "rounds": args.rounds, "amp_dtype": str(tr.amp_dtype), "channels_last": tr.channels_last,
         "eval_amp_dtype": str(tr.eval_amp_dtype), "eval_channels_last": tr.eval_channels_last,
         "images_per_s": {k: round(v, 2) for k, v in med.items()},
-        "train_ratio": round(med["train_real"] / med["train_random"], 3),
-        "eval_ratio": round(med["eval_real"] / med["eval_random"], 3),
+        "train_ratio": round(statistics.median(paired["train"]), 3),
+        "eval_ratio": round(statistics.median(paired["eval"]), 3),
+        "ratio_quartiles": {k: [round(q, 3) for q in _quartiles(v)] for k, v in paired.items()},
+        "ratio_of_medians": {"train": round(med["train_real"] / med["train_random"], 3),
+                             "eval": round(med["eval_real"] / med["eval_random"], 3)},
+        "paired_ratios": {k: [round(x, 3) for x in v] for k, v in paired.items()},
         "per_round": {k: [round(x, 2) for x in v] for k, v in res.items()},
         "data": data, "n_train_images": int(len(tr.data.rows["train"])),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -162,8 +170,15 @@ def main() -> None:
     from klgrade import io
 
     io.write_json(path, out)
-    print(json.dumps({k: out[k] for k in ("images_per_s", "train_ratio", "eval_ratio")}, indent=1))
+    print(json.dumps({k: out[k] for k in ("images_per_s", "train_ratio", "eval_ratio", "ratio_quartiles")}, indent=1))
     print(f"wrote {path}")
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
 
 
 if __name__ == "__main__":

@@ -187,3 +187,26 @@ def test_reframed_kneekl224_keeps_grey_levels(real_data):
     for frame in ("zoom_in_30", "off_centre", "aspect_tall"):
         shifts = [_box_grey_shift(img, apply_shift(img, frame, name)) for name, img in imgs.items()]
         assert abs(np.mean(shifts)) < 3.0 and np.mean(np.abs(shifts)) < 4.0, (frame, np.round(shifts, 1))
+
+
+@pytest.mark.parametrize("cx,cy,fov,size", [(330.0, 400.0, 336.0, 224), (20.0, 15.0, 336.0, 224),
+                                            (640.0, 990.0, 500.0, 160), (331.5, 500.2, 900.0, 64),
+                                            (-400.0, 300.0, 336.0, 224), (330.0, 480.0, 230.0, 224)])
+def test_crop_blurs_only_what_it_reads_and_gives_the_whole_image_numbers(cx, cy, fov, size):
+    # the reference blurs the whole image, as _crop did: every pixel must be the same float
+    import cv2
+
+    from klgrade.view.canonical import JOINT_ROW, _crop
+
+    rng = np.random.default_rng(int(cx) % 97)
+    img = rng.random((1000, 662)).astype(np.float32)
+    out, inside = _crop(img, cx, cy, fov, size)
+    s = size / fov
+    m = np.array([[1 / s, 0, cx - 0.5 * fov + 0.5 / s - 0.5], [0, 1 / s, cy - JOINT_ROW * fov + 0.5 / s - 0.5]])
+    src = img if s >= 1 or 0.45 * (1 / s - 1) <= 0.1 else cv2.GaussianBlur(img, (0, 0), 0.45 * (1 / s - 1),
+                                                                            borderType=cv2.BORDER_REPLICATE)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    want = cv2.warpAffine(src, m, (size, size), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    want_inside = cv2.warpAffine(np.ones_like(img), m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT) > 0.5
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(inside, want_inside)

