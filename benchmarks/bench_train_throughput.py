@@ -38,7 +38,7 @@ def ensure_dataset(data: str | None, work: Path) -> str:
     return str(out)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", help="dataset dir (default: kneeKL224 via prepare folders)")
     ap.add_argument("--model", default="resnet18")
@@ -51,12 +51,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "klgrade_bench"))
     ap.add_argument("--out", help="result json (default benchmarks/results/...)")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def main() -> None:
+    args = parse_args()
     import torch
 
     from klgrade.config import TrainConfig
-    from klgrade.runs.cnn import forward_probs, predict_batches
     from klgrade.train.loop import Trainer
 
     torch.set_num_threads(args.threads)
@@ -67,6 +69,29 @@ def main() -> None:
                       batch_size=args.batch_size, eval_batch_size=args.batch_size, device=args.device,
                       workers=args.workers, epochs=1000)
     tr = Trainer(cfg, tempfile.mkdtemp(dir=work))  # builds the cache once (untimed) and the loaders
+    sides = timed_sides(tr, args)
+    for fn in sides.values():  # warm-up (allocator, cudnn autotune, page cache) not timed
+        fn()
+    res = {k: [] for k in sides}
+    for _ in range(args.rounds):
+        for k, fn in sides.items():
+            res[k].append(fn())
+    out = summary(res, tr, args, data)
+    path = Path(args.out) if args.out else HERE / "results" / f"train_throughput_{tr.device.type}_{args.model}_{args.img_size}.json"
+    from klgrade import io
+
+    io.write_json(path, out)
+    print(json.dumps({k: out[k] for k in ("images_per_s", "train_ratio", "eval_ratio", "ratio_quartiles")}, indent=1))
+    print(f"wrote {path}")
+
+
+def timed_sides(tr, args) -> dict:
+    """{'train_real', 'train_random', 'eval_real', 'eval_random'}: each times ``args.steps``
+    batches and returns images/s."""
+    import torch
+
+    from klgrade.runs.cnn import forward_probs, predict_batches
+
     dev, b, s = tr.device, args.batch_size, args.img_size
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     xr = torch.randn(b, 3, s, s, device=dev)
@@ -137,20 +162,21 @@ def main() -> None:
         finally:
             model.to(memory_format=layout[tr.channels_last])
 
-    # warm-up (allocator, cudnn autotune, page cache) not timed
-    real_train(), random_train(), evaluating(real_eval), evaluating(random_eval)
-    res = {k: [] for k in ("train_real", "train_random", "eval_real", "eval_random")}
-    for _ in range(args.rounds):
-        res["train_real"].append(real_train())
-        res["train_random"].append(random_train())
-        res["eval_real"].append(evaluating(real_eval))
-        res["eval_random"].append(evaluating(random_eval))
+    return {"train_real": real_train, "train_random": random_train,
+            "eval_real": lambda: evaluating(real_eval), "eval_random": lambda: evaluating(random_eval)}
+
+
+def summary(res: dict, tr, args, data: str) -> dict:
+    """The result JSON: images/s (medians), the paired ratios and how they spread, the setup."""
+    import torch
+
+    dev = tr.device
     med = {k: statistics.median(v) for k, v in res.items()}
     # A round's two sides ran back to back, so their ratio cancels the machine's drift between
     # rounds (+-20-30% on a shared VM), which a ratio of the two medians does not.
     paired = {kind: [r / q for r, q in zip(res[f"{kind}_real"], res[f"{kind}_random"])] for kind in ("train", "eval")}
-    out = {
-        "model": args.model, "img_size": s, "batch_size": b, "device": str(dev),
+    return {
+        "model": args.model, "img_size": args.img_size, "batch_size": args.batch_size, "device": str(dev),
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else os.uname().machine,
         "threads": torch.get_num_threads(), "workers": args.workers, "steps_per_round": args.steps,
         "rounds": args.rounds, "amp_dtype": str(tr.amp_dtype), "channels_last": tr.channels_last,
@@ -166,12 +192,6 @@ def main() -> None:
         "data": data, "n_train_images": int(len(tr.data.rows["train"])),
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    path = Path(args.out) if args.out else HERE / "results" / f"train_throughput_{dev.type}_{args.model}_{s}.json"
-    from klgrade import io
-
-    io.write_json(path, out)
-    print(json.dumps({k: out[k] for k in ("images_per_s", "train_ratio", "eval_ratio", "ratio_quartiles")}, indent=1))
-    print(f"wrote {path}")
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
