@@ -139,7 +139,12 @@ def _blur_read_part(src: np.ndarray, sigma: float, m: np.ndarray, size: int) -> 
     return out
 
 
-@functools.lru_cache(maxsize=4)
+# Kept for reuse only up to this many pixels (16 MB): a film reduced for its view is ~1.3 MP, and
+# a 49-MP upload to serve must not leave a 200-MB buffer behind.
+ONES_REUSE_PX = 2048 * 2048
+
+
+@functools.lru_cache(maxsize=2)
 def _ones_buffer(h: int, w: int) -> np.ndarray:
     buf = np.ones((h, w), np.float32)
     buf.setflags(write=False)  # shared by the view threads
@@ -150,8 +155,10 @@ def _ones(shape: tuple[int, int]) -> np.ndarray:
     """A read-only all-ones float32 image of ``shape`` (a view into a reused buffer, grown in
     steps of 512 px so a stream of films of similar size shares one)."""
     h, w = shape
-    buf = _ones_buffer(-(-h // 512) * 512, -(-w // 512) * 512)
-    return buf[:h, :w]
+    bh, bw = -(-h // 512) * 512, -(-w // 512) * 512
+    if bh * bw > ONES_REUSE_PX:
+        return np.ones(shape, np.float32)
+    return _ones_buffer(bh, bw)[:h, :w]
 
 
 def _stats_mask(shape: tuple[int, int], valid: np.ndarray | None) -> np.ndarray | None:
