@@ -25,7 +25,6 @@ The constants are calibrated so that the view is a near no-op on kneeKL224 crops
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass
 
@@ -112,7 +111,7 @@ def _crop(img: np.ndarray, cx: float, cy: float, fov: float, size: int) -> tuple
         src = _blur_read_part(src, sig, m, size) if sig > 0.1 else src
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     out = cv2.warpAffine(src, m, (size, size), flags=flags, borderMode=cv2.BORDER_REPLICATE)
-    ones = _ones(img.shape)
+    ones = np.ones(img.shape, np.float32)
     inside = cv2.warpAffine(ones, m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return out, inside > 0.5
 
@@ -137,28 +136,6 @@ def _blur_read_part(src: np.ndarray, sigma: float, m: np.ndarray, size: int) -> 
     out[ya:yb, xa:xb] = cv2.GaussianBlur(np.ascontiguousarray(src[ya:yb, xa:xb]), (0, 0), sigma,
                                          borderType=cv2.BORDER_REPLICATE)
     return out
-
-
-# Kept for reuse only up to this many pixels (16 MB): a film reduced for its view is ~1.3 MP, and
-# a 49-MP upload to serve must not leave a 200-MB buffer behind.
-ONES_REUSE_PX = 2048 * 2048
-
-
-@functools.lru_cache(maxsize=2)
-def _ones_buffer(h: int, w: int) -> np.ndarray:
-    buf = np.ones((h, w), np.float32)
-    buf.setflags(write=False)  # shared by the view threads
-    return buf
-
-
-def _ones(shape: tuple[int, int]) -> np.ndarray:
-    """A read-only all-ones float32 image of ``shape`` (a view into a reused buffer, grown in
-    steps of 512 px so a stream of films of similar size shares one)."""
-    h, w = shape
-    bh, bw = -(-h // 512) * 512, -(-w // 512) * 512
-    if bh * bw > ONES_REUSE_PX:
-        return np.ones(shape, np.float32)
-    return _ones_buffer(bh, bw)[:h, :w]
 
 
 def _stats_mask(shape: tuple[int, int], valid: np.ndarray | None) -> np.ndarray | None:
