@@ -211,3 +211,26 @@ def test_crop_blurs_only_what_it_reads_and_gives_the_whole_image_numbers(cx, cy,
     np.testing.assert_array_equal(out, want)
     np.testing.assert_array_equal(inside, want_inside)
 
+
+
+def test_crop_mask_is_the_warped_image_extent_at_every_framing():
+    """_crop skips warping an all-ones image when every pixel it reads lies inside: the mask must
+    still be that warp's, at framings inside, touching and crossing each edge."""
+    import cv2
+
+    from klgrade.view.canonical import JOINT_ROW, _crop
+
+    img = np.random.default_rng(1).random((90, 120)).astype(np.float32)
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    rng = np.random.default_rng(2)
+    whole = 0
+    for _ in range(400):
+        fov, size = float(rng.uniform(20, 100)), int(rng.choice([16, 33, 64]))
+        cx, cy = float(rng.uniform(-10, 130)), float(rng.uniform(-10, 100))
+        _, inside = _crop(img, cx, cy, fov, size)
+        s = size / fov
+        m = np.array([[1 / s, 0, cx - 0.5 * fov + 0.5 / s - 0.5], [0, 1 / s, cy - JOINT_ROW * fov + 0.5 / s - 0.5]])
+        want = cv2.warpAffine(np.ones_like(img), m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT) > 0.5
+        np.testing.assert_array_equal(inside, want)
+        whole += bool(want.all())
+    assert 20 < whole < 380  # both paths taken

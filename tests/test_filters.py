@@ -41,3 +41,17 @@ def test_percentile_and_median_are_numpys_numbers(shape):
     strided = img[::2, ::2] if img.ndim == 2 else img[::2]
     np.testing.assert_array_equal(percentile(strided, (1, 99)), np.percentile(strided, (1, 99)))
     assert median(img) == float(np.median(img))
+
+
+def test_kernels_are_cached_and_read_only():
+    # the locator asks for the same few kernels many times per knee: one array each, never changed
+    from klgrade.filters import gaussian_kernel
+
+    k = gaussian_kernel(1.8, 2)
+    assert gaussian_kernel(1.8, 2) is k and not k.flags.writeable
+    with pytest.raises(ValueError):
+        k[0] = 1.0
+    r = int(4 * 1.8 + 0.5)
+    x = np.arange(-r, r + 1)
+    g = np.exp(-0.5 * x * x / 1.8 ** 2)
+    np.testing.assert_allclose(k, g / g.sum() * (x * x / 1.8 ** 4 - 1 / 1.8 ** 2), rtol=1e-12)

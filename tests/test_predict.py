@@ -297,10 +297,10 @@ def test_each_half_of_a_film_is_copied_once_and_each_bone_band_profiled_once(mon
 
     img, truth = render_bilateral(1, 3, np.random.default_rng(4), spacing_mm=0.3, shape=(700, 1000))
     seen, bands = [], []
-    real_locate, real_crop, real_band = roi.locate_knee, canonical._crop, roi._band_gradient
+    real_locate, real_crop, real_bands = roi.locate_knee, canonical._crop, roi._band_gradients
     monkeypatch.setattr(roi, "locate_knee", lambda im, **k: seen.append(im.flags.c_contiguous) or real_locate(im, **k))
     monkeypatch.setattr(canonical, "_crop", lambda im, *a: seen.append(im.flags.c_contiguous) or real_crop(im, *a))
-    monkeypatch.setattr(roi, "_band_gradient", lambda *a: bands.append(a[1:]) or real_band(*a))
+    monkeypatch.setattr(roi, "_band_gradients", lambda g, b: bands.extend(b) or real_bands(g, b))
     for side in "RL":
         seen.clear()
         bands.clear()

@@ -175,7 +175,8 @@ def test_view_and_ingest_share_the_locator_and_its_resolution():
     for size in (64, 224):
         small, sp, f = reduce_for_view(img, 0.14, size)
         assert f == roi.locate_factor(0.14, img.shape) == 2
-        cut = roi.split_legs(small, sp)
+        cut = roi.bilateral_cut(small, sp)  # the view's: bilateral or not and where, on one work image
+        assert cut == roi.split_legs(small, sp)  # ... the very column ingest splits at
         for side in "RL":
             knee = _knee(small, sp, side, size, f, cut)
             assert (knee.location["x"], knee.location["y"]) == pytest.approx((ingest[side].x, ingest[side].y), abs=0.06)
@@ -197,3 +198,48 @@ def test_a_crops_stated_geometry_is_checked(tmp_path, text, why):
     Image.fromarray(np.full((64, 64), 30000, np.uint16)).save(path, pnginfo=info)
     with pytest.raises(ViewError, match=f"crop.png: .*{why}"):
         film_knees(path, 64)
+
+
+def test_bilateral_cut_is_split_legs_of_a_bilateral_film_and_none_otherwise(films):
+    for img, truth, sp in films[:4]:
+        for spacing in (sp, None):
+            cut = roi.bilateral_cut(img, spacing)
+            assert cut == roi.split_legs(img, spacing) and truth["R"][0] < cut < truth["L"][0]
+    img, truth, sp = films[0]
+    leg = img[:, : (int(truth["R"][0]) + int(truth["L"][0])) // 2]
+    wide = np.zeros((img.shape[0], 2 * leg.shape[1]), np.float32)  # one leg in the middle of a wide film
+    wide[:, leg.shape[1] // 2: leg.shape[1] // 2 + leg.shape[1]] = leg
+    assert roi.bilateral_cut(wide, sp) is None and roi.bilateral_cut(leg, sp) is None
+
+
+@pytest.mark.parametrize("band", [0, 1, 4, 9])
+def test_flat_margins_stop_at_the_first_textured_line_as_a_full_scan_does(band):
+    # the fast path looks at the edge line first; the counts must be those of scanning every line
+    rng = np.random.default_rng(band)
+    small = rng.random((150, 190)).astype(np.float32)
+    small[:, :band + 2] = 0.97  # an unexposed collimation frame on three sides
+    small[:band] = 0.97
+    small[small.shape[0] - band // 2:] = 0.97
+    lo, hi = np.percentile(small[::2, ::2], (1, 99))
+    tol = 0.02 * (hi - lo)
+
+    def scan(std):
+        nz = np.flatnonzero(std >= tol)
+        return int(nz[0]) if len(nz) else len(std)
+
+    rows, cols = small.std(axis=1), small.std(axis=0)
+    want = (scan(rows), scan(rows[::-1]), scan(cols), scan(cols[::-1]))
+    assert roi._flat_margins(small) == want
+    assert roi._flat_margins(small, lo_hi=(lo, hi)) == want
+    assert want == (band, band // 2, band + 2, 0)
+
+
+def test_area_reduce_is_the_block_mean_of_a_view_without_copying_it():
+    rng = np.random.default_rng(0)
+    img = rng.random((103, 130)).astype(np.float32)
+    part = img[:, 7:]  # a row-strided view, as a film's leg or a closer look's window
+    got = roi.area_reduce(part, 4, 3)
+    want = part[:100, :123].reshape(25, 4, 41, 3).mean(axis=(1, 3))
+    assert got.shape == (25, 41)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert roi.area_reduce(part, 1) is part

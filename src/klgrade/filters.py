@@ -7,25 +7,30 @@ kernels (radius 4 sigma) and borders, and agrees to ~1e-6 of the result's range 
 """
 from __future__ import annotations
 
+import functools
+
 import cv2
 import numpy as np
 
 _BORDERS = {"nearest": cv2.BORDER_REPLICATE, "reflect": cv2.BORDER_REFLECT}
 
 
+@functools.lru_cache(maxsize=64)
 def gaussian_kernel(sigma: float, order: int = 0) -> np.ndarray:
     """The correlation kernel ``ndimage.gaussian_filter1d`` applies: a Gaussian of radius
-    int(4 sigma + 0.5), or its first or second derivative."""
+    int(4 sigma + 0.5), or its first or second derivative. Cached (the locator asks for the same
+    few many times per knee): read-only, do not modify it."""
     r = int(4.0 * sigma + 0.5)
     x = np.arange(-r, r + 1, dtype=np.float64)
     k = np.exp(-0.5 * x * x / (sigma * sigma))
     k /= k.sum()
     if order == 1:
-        return k * x / (sigma * sigma)  # correlating with +x/s^2 phi = convolving with phi'
-    if order == 2:
-        return k * (x * x / sigma ** 4 - 1 / sigma ** 2)
-    if order != 0:
+        k = k * x / (sigma * sigma)  # correlating with +x/s^2 phi = convolving with phi'
+    elif order == 2:
+        k = k * (x * x / sigma ** 4 - 1 / sigma ** 2)
+    elif order != 0:
         raise ValueError(f"derivative order {order} (0, 1 or 2)")
+    k.setflags(write=False)
     return k
 
 

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass
 
 import cv2
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from klgrade.filters import gaussian_filter, median, percentile
@@ -77,41 +76,35 @@ def _spacing_pair(spacing_mm) -> tuple[float, float] | None:
     return float(sy), float(sx)
 
 
-def block_reduce(img: np.ndarray, fy: int, fx: int) -> np.ndarray:
-    """Mean over fy x fx blocks (a partial last block averages what it has): fast, alias-free
-    downsampling (PIL's C box reduction, ~3x faster than a numpy reshape-mean)."""
-    if fy == fx == 1:
-        return np.asarray(img, dtype=np.float32)
-    return np.asarray(Image.fromarray(np.ascontiguousarray(img, dtype=np.float32), mode="F").reduce((fx, fy)))
-
-
-def _flat_margins(small: np.ndarray, rel: float = 0.02) -> tuple[int, int, int, int]:
+def _flat_margins(small: np.ndarray, rel: float = 0.02, lo_hi=None) -> tuple[int, int, int, int]:
     """Rows/columns at the film's edges that are flat (unexposed collimation borders, white in
     MONOCHROME2, or masked black): (top, bottom, left, right) counts. A flat band of bright pixels
-    would otherwise pass for bone and set the contrast scale."""
-    lo, hi = percentile(small[::2, ::2], (1, 99))
+    would otherwise pass for bone and set the contrast scale. ``lo_hi``: the image's 1st and 99th
+    percentiles when the caller has them (else taken on every other pixel)."""
+    lo, hi = percentile(small[::2, ::2], (1, 99)) if lo_hi is None else lo_hi
     tol = rel * max(float(hi - lo), 1e-6)
-    rows, cols = small.std(axis=1) < tol, small.std(axis=0) < tol
 
-    def run(flags: np.ndarray) -> int:
-        nz = np.flatnonzero(~flags)
-        return int(nz[0]) if len(nz) else len(flags)
+    def run(lines: np.ndarray) -> int:  # flat lines from the first one inward
+        if lines[0].std() >= tol:  # most films: no band at this edge, no need to look further
+            return 0
+        nz = np.flatnonzero(lines.std(axis=1) >= tol)
+        return int(nz[0]) if len(nz) else len(lines)
 
-    return run(rows), run(rows[::-1]), run(cols), run(cols[::-1])
+    return run(small), run(small[::-1]), run(small.T), run(small.T[::-1])
 
 
 def _work_image(img: np.ndarray, sy: float, sx: float, work_mm: float):
     fy, fx = max(1, int(round(work_mm / sy))), max(1, int(round(work_mm / sx)))
-    small = block_reduce(img, fy, fx)
+    small = area_reduce(img, fy, fx)
     h, w = small.shape
     t, b, left, r = _flat_margins(small)
     trimmed = (t or b or left or r) and t + b < h - 4 and left + r < w - 4
     inner = small[t: h - b, left: w - r] if trimmed else small
-    lo, hi = percentile(inner[:: 2, :: 2], (0.5, 99.5))
+    lo, dark, hi = percentile(inner[:: 2, :: 2], (0.5, 1, 99.5))
     small = np.clip((small - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     if trimmed:
-        # collimation borders become "air", which the joint search ignores
-        fill = float(percentile(small[t: h - b, left: w - r], 1))
+        # collimation borders become "air" (the film's 1st percentile), which the joint search ignores
+        fill = float(np.clip((dark - lo) / max(hi - lo, 1e-6), 0.0, 1.0))
         small[:t], small[h - b:], small[:, :left], small[:, w - r:] = fill, fill, fill, fill
     return small, fy, fx, sy * fy, sx * fx
 
@@ -168,31 +161,32 @@ def resize_image(img: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
 
 
 def _work(img: np.ndarray, film: bool = False) -> tuple[np.ndarray, float]:
-    """The ~WORK_PX-px working copy, contrast-normalised on percentiles. On a ``film`` (a pixel
-    spacing is known: DICOM) bright flat bands at its edges (unexposed collimation borders, white
-    in MONOCHROME2) are overwritten by the image's own edge, so their borders pass neither for
-    bone nor for a joint line; dark flat bands are air already. Crops are left as they were (their
-    views stay bit-equal)."""
+    """The ~WORK_PX-px working copy, contrast-normalised on percentiles, and its scale. On a
+    ``film`` (a pixel spacing is known: DICOM) it is float32, and bright flat bands at its edges
+    (unexposed collimation borders, white in MONOCHROME2) are overwritten by the image's own edge,
+    so their borders pass neither for bone nor for a joint line (dark flat bands are air
+    already); crops keep float64 and no band search (their views stay bit-equal)."""
     h, w = img.shape
     f = WORK_PX / max(h, w)
     small = resize_image(img, (max(8, round(h * f)), max(8, round(w * f))))
-    bands = _bright_flat_bands(small) if film else (0, 0, 0, 0)
+    lo, hi = percentile(small, (1, 99))
+    bands = _bright_flat_bands(small, (lo, hi)) if film else (0, 0, 0, 0)
     t, b, left, r = bands
     if any(bands):
         inner = small[t: small.shape[0] - b, left: small.shape[1] - r]
         lo, hi = percentile(inner, (1, 99))
         small = np.pad(inner, ((t, b), (left, r)), mode="edge")  # no step where the band was
-    else:
-        lo, hi = percentile(small, (1, 99))
+    if film:  # Python floats keep the image float32 (NEP 50: numpy's float64 scalars promote it)
+        lo, hi = float(lo), float(hi)
     return np.clip((small - lo) / max(hi - lo, 1e-6), 0, 1), f
 
 
-def _bright_flat_bands(small: np.ndarray) -> tuple[int, int, int, int]:
+def _bright_flat_bands(small: np.ndarray, lo_hi) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) widths of flat bands brighter than the image's median, each one
     row/column wider (the band's border is half band, half image after the resize); zeros when
-    they would leave too little."""
+    they would leave too little. ``lo_hi``: the image's 1st and 99th percentiles."""
     sh, sw = small.shape
-    flat = _flat_margins(small)
+    flat = _flat_margins(small, lo_hi=lo_hi)
     if not any(flat):  # most films: no band, and no median to compute
         return 0, 0, 0, 0
     med = median(small)
@@ -224,14 +218,13 @@ def _joint_line(g: np.ndarray) -> tuple[int, int, float, float, float]:
         near, far = int(round(2 * sig)), int(round(6 * sig))
         band = cv2.blur(g, (1, far - near + 1), borderType=cv2.BORDER_REPLICATE)  # a running mean down the columns
         sh = (far + near) // 2
-        above = np.empty_like(band)
-        below = np.empty_like(band)
-        above[sh:], above[:sh] = band[:-sh], band[:1]
-        below[:-sh], below[-sh:] = band[sh:], band[-1:]
-        depth = np.minimum(above, below) - g  # darker than both flanks = a gap between bones
-        score = np.multiply(np.maximum(valley, 0, out=valley), np.maximum(depth, 0, out=depth), out=depth)
-        score[:sh] = 0
-        score[h - sh:] = 0
+        # darker than both flanks (the running means sh rows above and below) = a gap between
+        # bones; rows within sh of the frame have no flank and score 0
+        score = np.zeros_like(g)
+        inner = score[sh: h - sh]
+        np.subtract(np.minimum(band[: h - 2 * sh], band[2 * sh:]), g[sh: h - sh], out=inner)
+        np.maximum(inner, 0, out=inner)
+        inner *= np.maximum(valley[sh: h - sh], 0)
         line = cv2.blur(score, (max(3, w // 4), 1), borderType=cv2.BORDER_CONSTANT)  # along the rows, zero outside
         iy, ix = np.unravel_index(int(np.argmax(line)), line.shape)
         if line[iy, ix] > best[3]:
@@ -254,16 +247,22 @@ def _dominance(line: np.ndarray, iy: int, ix: int, sh: int, far: int) -> float:
     return float(line[iy, ix]) / max(float(np.percentile(others, 75)), 1e-9)
 
 
-def _band_gradient(g: np.ndarray, r0: int, r1: int) -> tuple[np.ndarray, float]:
-    """Horizontal intensity gradient of rows r0:r1 (averaged) and the band's bone/soft contrast:
-    made once per band, searched for edges on both centring passes."""
-    prof = ndimage.gaussian_filter1d(g[r0:r1].mean(axis=0), 1.0, mode="nearest")
-    lo, hi = np.percentile(prof, (5, 95))
-    return np.gradient(prof), max(float(hi - lo), 1e-3)
+def _band_gradients(g: np.ndarray, bands: list[tuple[int, int]]) -> list[tuple[np.ndarray, float]]:
+    """For each band of rows r0:r1 at least 2 rows high: the horizontal intensity gradient of its
+    rows (averaged) and its bone/soft contrast, made once per band (both bands in one call of
+    each filter), searched for edges on both centring passes."""
+    bands = [(a, b) for a, b in bands if b - a >= 2]
+    if not bands:
+        return []
+    prof = ndimage.gaussian_filter1d(np.stack([g[a:b].mean(axis=0) for a, b in bands]), 1.0, axis=1,
+                                     mode="nearest")
+    lo, hi = np.percentile(prof, (5, 95), axis=1)
+    grads = np.gradient(prof, axis=1)
+    return [(grads[i], max(float(hi[i] - lo[i]), 1e-3)) for i in range(len(bands))]
 
 
 def _bone_edges(grad: np.ndarray, contrast: float, cx: float) -> tuple[float, float, float, float]:
-    """Outer bone edges of a band (``_band_gradient``): (left x, right x, left strength, right
+    """Outer bone edges of a band (``_band_gradients``): (left x, right x, left strength, right
     strength), strengths relative to the band's bone/soft contrast."""
     c = int(np.clip(round(cx), 2, len(grad) - 3))
     left = int(np.argmax(grad[:c]))
@@ -291,7 +290,7 @@ def locate_knee(img: np.ndarray, centre_on_both_bands: bool = False, film: bool 
     bands = [(iy + d0, min(h, iy + d1)), (max(0, iy - d1), iy - d0)]  # plateau, condyles
     cx = w / 2
     edges = []
-    profiles = [_band_gradient(g, a, b) for a, b in bands if b - a >= 2]
+    profiles = _band_gradients(g, bands)
     for _ in range(2):  # the centre from the first pass splits the search for the second
         edges = [_bone_edges(grad, contrast, cx) for grad, contrast in profiles]
         if not edges:
@@ -360,6 +359,14 @@ def is_bilateral(img: np.ndarray) -> bool:
     # between bright margins) has the same profile, with the "gap" spanning most of the frame
     runs, _ = ndimage.label(col < 0.5 * (valley + min(left, right)))
     return int(np.count_nonzero(runs == runs[i])) <= MAX_GAP_SHARE * gw
+
+
+def bilateral_cut(img: np.ndarray, spacing_mm=None) -> int | None:
+    """The input column that separates a bilateral film's two legs (``split_legs``), or None when
+    the image is not one (``is_bilateral``). (Reading both off the split's work image would save
+    ~1 ms a film, but a borderline film's answer moved with the work image's resolution.)"""
+    img = _as_2d(img)
+    return split_legs(img, spacing_mm) if is_bilateral(img) else None
 
 
 def _closer_look(img: np.ndarray, j: _Joint, spacing_known: bool) -> _Joint:
@@ -436,13 +443,15 @@ def locate_factor(spacing_mm, shape: tuple[int, int]) -> int:
     return max(1, min(int(LOCATE_MM / max(pair)), min(shape[:2]) // MIN_SIDE))
 
 
-def area_reduce(img: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over ``factor`` x ``factor`` blocks (OpenCV's area resize; a partial last block is cut)."""
-    if factor < 2:
+def area_reduce(img: np.ndarray, factor: int, factor_x: int | None = None) -> np.ndarray:
+    """Mean over ``factor`` x ``factor`` blocks (rows x columns: ``factor`` x ``factor_x`` when
+    given; OpenCV's area resize, a partial last block is cut)."""
+    fy, fx = factor, factor if factor_x is None else factor_x
+    if fy < 2 and fx < 2:
         return img
-    h, w = img.shape[0] // factor, img.shape[1] // factor
-    return cv2.resize(np.ascontiguousarray(img[: h * factor, : w * factor], np.float32), (w, h),
-                      interpolation=cv2.INTER_AREA)
+    h, w = img.shape[0] // fy, img.shape[1] // fx
+    # OpenCV reads a row-strided view as it is: no copy of the part it keeps
+    return cv2.resize(np.asarray(img, np.float32)[: h * fy, : w * fx], (w, h), interpolation=cv2.INTER_AREA)
 
 
 def locate_bilateral(img: np.ndarray, spacing_mm=None,

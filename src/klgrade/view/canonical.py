@@ -32,7 +32,7 @@ import numpy as np
 
 from klgrade.filters import percentile
 from klgrade.ingest.anatomy import TYPICAL_KNEE_WIDTH_MM
-from klgrade.ingest.roi import is_bilateral, leg_half, locate_joint, resize_image, split_legs
+from klgrade.ingest.roi import bilateral_cut, is_bilateral, leg_half, locate_joint, resize_image, split_legs
 
 __all__ = ["FOV_MM", "FOV_PER_WIDTH", "JOINT_ROW", "STATS_BOX", "ViewInfo", "canonical_view", "is_bilateral",
            "standardise"]
@@ -111,9 +111,22 @@ def _crop(img: np.ndarray, cx: float, cy: float, fov: float, size: int) -> tuple
         src = _blur_read_part(src, sig, m, size) if sig > 0.1 else src
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
     out = cv2.warpAffine(src, m, (size, size), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    (xa, xb), (ya, yb) = _read_span(m, size)
+    h, w = img.shape
+    if xa >= 0 and ya >= 0 and xb <= w and yb <= h:  # every pixel read lies in the image
+        return out, np.ones((size, size), bool)
     ones = np.ones(img.shape, np.float32)
     inside = cv2.warpAffine(ones, m, (size, size), flags=flags, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return out, inside > 0.5
+
+
+def _read_span(m: np.ndarray, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Columns [xa, xb) and rows [ya, yb) of the input that the axis-aligned warp ``m`` to
+    ``size`` x ``size`` reads, one pixel wider on each side than its bilinear taps reach."""
+    lo = m[:, 2] - 1.0
+    hi = m[:, 2] + m[:, 0:2].sum(axis=1) * (size - 1) + 1.0
+    return ((int(np.floor(lo[0])), int(np.ceil(hi[0])) + 1),
+            (int(np.floor(lo[1])), int(np.ceil(hi[1])) + 1))
 
 
 def _blur_read_part(src: np.ndarray, sigma: float, m: np.ndarray, size: int) -> np.ndarray:
@@ -126,10 +139,8 @@ def _blur_read_part(src: np.ndarray, sigma: float, m: np.ndarray, size: int) -> 
 
     h, w = src.shape
     reach = int(round(sigma * 8 + 1)) // 2 + 2  # OpenCV's float kernel radius (ksize = 8 sigma + 1, odd) + 2
-    lo = m[:, 2] - 1.0
-    hi = m[:, 2] + m[:, 0:2].sum(axis=1) * (size - 1) + 1.0
-    xa, xb = max(0, int(np.floor(lo[0])) - reach), min(w, int(np.ceil(hi[0])) + reach + 1)
-    ya, yb = max(0, int(np.floor(lo[1])) - reach), min(h, int(np.ceil(hi[1])) + reach + 1)
+    (xa, xb), (ya, yb) = _read_span(m, size)
+    xa, xb, ya, yb = max(0, xa - reach), min(w, xb + reach), max(0, ya - reach), min(h, yb + reach)
     if xb - xa < 2 or yb - ya < 2 or (xb - xa) * (yb - ya) > 0.7 * h * w:  # mostly outside, or most of it
         return cv2.GaussianBlur(src, (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
     out = np.zeros(src.shape, src.dtype)  # calloc: pages never written are never touched
@@ -213,7 +224,7 @@ def canonical_view(img: np.ndarray, size: int, spacing_mm=None, side: str | None
     bilateral film ('R' = patient's right = image left, the default; 'L' is mirrored into the
     canonical orientation). When the joint cannot be established the view is a centred square crop
     and ``ok`` is False with the reason. ``bilateral`` / ``legs_cut``: what the caller already knows
-    of this very image (is_bilateral, split_legs), so a film's two views detect and split it once.
+    of this very image (bilateral_cut), so a film's two views detect and split it once.
     ``joint``: the (x, y) centre of a one-knee image with a spacing, already located (a crop
     prepare oai cut around the joint it found): the view is framed on it, not located again.
     """
@@ -227,7 +238,10 @@ def canonical_view(img: np.ndarray, size: int, spacing_mm=None, side: str | None
             img = resize_image(img, (max(16, round(img.shape[0] * sy / sx)), img.shape[1]))
         spacing = sx
     h, w = img.shape
-    if is_bilateral(img) if bilateral is None else bilateral:
+    if bilateral is None:
+        legs_cut = bilateral_cut(img, spacing)
+        bilateral = legs_cut is not None
+    if bilateral:
         side = (side or "R").upper()
         if side not in ("R", "L"):
             raise ValueError(f"side must be 'R' or 'L', got {side!r}")
