@@ -77,10 +77,9 @@ def _spacing_pair(spacing_mm) -> tuple[float, float] | None:
 
 
 def _flat_margins(small: np.ndarray, rel: float = 0.02, lo_hi=None) -> tuple[int, int, int, int]:
-    """Rows/columns at the film's edges that are flat (unexposed collimation borders, white in
-    MONOCHROME2, or masked black): (top, bottom, left, right) counts. A flat band of bright pixels
-    would otherwise pass for bone and set the contrast scale. ``lo_hi``: the image's 1st and 99th
-    percentiles when the caller has them (else taken on every other pixel)."""
+    """Flat rows/columns at the film's edges (collimation borders, white in MONOCHROME2, or masked
+    black): (top, bottom, left, right) counts; bright ones would pass for bone and set the contrast
+    scale. ``lo_hi``: the image's 1st and 99th percentiles, if known (else from every other pixel)."""
     lo, hi = percentile(small[::2, ::2], (1, 99)) if lo_hi is None else lo_hi
     tol = rel * max(float(hi - lo), 1e-6)
 
@@ -162,10 +161,9 @@ def resize_image(img: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
 
 def _work(img: np.ndarray, film: bool = False) -> tuple[np.ndarray, float]:
     """The ~WORK_PX-px working copy, contrast-normalised on percentiles, and its scale. On a
-    ``film`` (a pixel spacing is known: DICOM) it is float32, and bright flat bands at its edges
-    (unexposed collimation borders, white in MONOCHROME2) are overwritten by the image's own edge,
-    so their borders pass neither for bone nor for a joint line (dark flat bands are air
-    already); crops keep float64 and no band search (their views stay bit-equal)."""
+    ``film`` (a pixel spacing is known) it is float32 and bright flat edge bands (collimation,
+    white in MONOCHROME2) are overwritten by the image's own edge, so their borders pass neither
+    for bone nor for a joint line; crops keep float64 and no band search (views bit-equal)."""
     h, w = img.shape
     f = WORK_PX / max(h, w)
     small = resize_image(img, (max(8, round(h * f)), max(8, round(w * f))))
@@ -248,9 +246,8 @@ def _dominance(line: np.ndarray, iy: int, ix: int, sh: int, far: int) -> float:
 
 
 def _band_gradients(g: np.ndarray, bands: list[tuple[int, int]]) -> list[tuple[np.ndarray, float]]:
-    """For each band of rows r0:r1 at least 2 rows high: the horizontal intensity gradient of its
-    rows (averaged) and its bone/soft contrast, made once per band (both bands in one call of
-    each filter), searched for edges on both centring passes."""
+    """Per band of rows r0:r1 (2+ rows): the horizontal gradient of its mean row and its bone/soft
+    contrast, made once (both bands per filter call) for both centring passes."""
     bands = [(a, b) for a, b in bands if b - a >= 2]
     if not bands:
         return []
@@ -362,9 +359,7 @@ def is_bilateral(img: np.ndarray) -> bool:
 
 
 def bilateral_cut(img: np.ndarray, spacing_mm=None) -> int | None:
-    """The input column that separates a bilateral film's two legs (``split_legs``), or None when
-    the image is not one (``is_bilateral``). (Reading both off the split's work image would save
-    ~1 ms a film, but a borderline film's answer moved with the work image's resolution.)"""
+    """The column that splits a bilateral film's legs (``split_legs``), or None (``is_bilateral``)."""
     img = _as_2d(img)
     return split_legs(img, spacing_mm) if is_bilateral(img) else None
 
