@@ -232,14 +232,3 @@ def test_flat_margins_stop_at_the_first_textured_line_as_a_full_scan_does(band):
     assert roi._flat_margins(small) == want
     assert roi._flat_margins(small, lo_hi=(lo, hi)) == want
     assert want == (band, band // 2, band + 2, 0)
-
-
-def test_area_reduce_is_the_block_mean_of_a_view_without_copying_it():
-    rng = np.random.default_rng(0)
-    img = rng.random((103, 130)).astype(np.float32)
-    part = img[:, 7:]  # a row-strided view, as a film's leg or a closer look's window
-    got = roi.area_reduce(part, 4, 3)
-    want = part[:100, :123].reshape(25, 4, 41, 3).mean(axis=(1, 3))
-    assert got.shape == (25, 41)
-    np.testing.assert_allclose(got, want, rtol=1e-5)
-    assert roi.area_reduce(part, 1) is part

@@ -1,5 +1,5 @@
-"""scipy.ndimage's Gaussian filters on 2-D float images, computed by OpenCV, and numpy's
-percentiles of such images, computed faster.
+"""scipy.ndimage's Gaussian filters on 2-D float images, computed by OpenCV, numpy's percentiles
+of such images, computed faster, and the two resamplings the locator and the view share.
 
 The locator and the JSW measurement filter small images (~200 x 150 and ~320 x 230 px) many times
 per knee; there ``cv2.sepFilter2D`` is ~4x faster than ``ndimage.gaussian_filter`` with the same
@@ -54,3 +54,22 @@ def percentile(values: np.ndarray, q):
 def median(values: np.ndarray) -> float:
     """``np.median(values)`` (the same number), on sorted data as ``percentile``."""
     return float(np.median(np.sort(values, axis=None)))
+
+
+def resize_image(img: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
+    """float32 copy of ``img`` at ``shape_hw`` (rows, cols): area-averaged when shrinking, bilinear
+    when growing."""
+    h, w = shape_hw
+    interp = cv2.INTER_AREA if h < img.shape[0] else cv2.INTER_LINEAR
+    return cv2.resize(np.ascontiguousarray(img, np.float32), (w, h), interpolation=interp)
+
+
+def area_reduce(img: np.ndarray, factor: int, factor_x: int | None = None) -> np.ndarray:
+    """Mean over ``factor`` x ``factor`` blocks (rows x columns: ``factor`` x ``factor_x`` when
+    given; OpenCV's area resize, a partial last block is cut)."""
+    fy, fx = factor, factor if factor_x is None else factor_x
+    if fy < 2 and fx < 2:
+        return img
+    h, w = img.shape[0] // fy, img.shape[1] // fx
+    # OpenCV reads a row-strided view as it is: no copy of the part it keeps
+    return cv2.resize(np.asarray(img, np.float32)[: h * fy, : w * fx], (w, h), interpolation=cv2.INTER_AREA)

@@ -33,7 +33,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from klgrade.filters import gaussian_filter, median, percentile
+from klgrade.filters import area_reduce, gaussian_filter, median, percentile, resize_image
 from klgrade.ingest.anatomy import KNEE_WIDTH_MM, TYPICAL_KNEE_WIDTH_MM
 
 WORK_MM = 1.0  # working pixel size for splitting a bilateral film (mm)
@@ -149,14 +149,6 @@ class JointLocation:
 
     def as_dict(self, prefix: str = "") -> dict:
         return {f"{prefix}{k}": v for k, v in asdict(self).items()}
-
-
-def resize_image(img: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
-    """float32 copy of ``img`` at ``shape_hw`` (rows, cols): area-averaged when shrinking, bilinear
-    when growing."""
-    h, w = shape_hw
-    interp = cv2.INTER_AREA if h < img.shape[0] else cv2.INTER_LINEAR
-    return cv2.resize(np.ascontiguousarray(img, np.float32), (w, h), interpolation=interp)
 
 
 def _work(img: np.ndarray, film: bool = False) -> tuple[np.ndarray, float]:
@@ -436,17 +428,6 @@ def locate_factor(spacing_mm, shape: tuple[int, int]) -> int:
     if pair is None:
         return 1
     return max(1, min(int(LOCATE_MM / max(pair)), min(shape[:2]) // MIN_SIDE))
-
-
-def area_reduce(img: np.ndarray, factor: int, factor_x: int | None = None) -> np.ndarray:
-    """Mean over ``factor`` x ``factor`` blocks (rows x columns: ``factor`` x ``factor_x`` when
-    given; OpenCV's area resize, a partial last block is cut)."""
-    fy, fx = factor, factor if factor_x is None else factor_x
-    if fy < 2 and fx < 2:
-        return img
-    h, w = img.shape[0] // fy, img.shape[1] // fx
-    # OpenCV reads a row-strided view as it is: no copy of the part it keeps
-    return cv2.resize(np.asarray(img, np.float32)[: h * fy, : w * fx], (w, h), interpolation=cv2.INTER_AREA)
 
 
 def locate_bilateral(img: np.ndarray, spacing_mm=None,

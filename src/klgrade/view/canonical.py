@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from klgrade.filters import percentile
+from klgrade.filters import percentile, resize_image
 from klgrade.ingest.anatomy import TYPICAL_KNEE_WIDTH_MM
-from klgrade.ingest.roi import bilateral_cut, is_bilateral, leg_half, locate_joint, resize_image, split_legs
+from klgrade.ingest.roi import bilateral_cut, is_bilateral, leg_half, locate_joint, split_legs
 
 __all__ = ["FOV_MM", "FOV_PER_WIDTH", "JOINT_ROW", "STATS_BOX", "ViewInfo", "canonical_view", "is_bilateral",
            "standardise"]

@@ -189,7 +189,7 @@ def reduce_for_view(img: np.ndarray, spacing, img_size: int) -> tuple[np.ndarray
     oai located), lowered when a large view needs finer pixels (``VIEW_OVERSAMPLE`` x finer than
     the view's). Films without spacing are left alone.
     """
-    from klgrade.ingest.roi import area_reduce
+    from klgrade.filters import area_reduce
 
     factor = view_factor(img.shape, spacing, img_size)
     if factor < 2:
