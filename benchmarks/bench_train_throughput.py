@@ -90,17 +90,18 @@ def timed_sides(tr, args) -> dict:
     batches and returns images/s."""
     import torch
 
-    from klgrade.runs.cnn import forward_probs, predict_batches
-
-    dev, b, s = tr.device, args.batch_size, args.img_size
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    xr = torch.randn(b, 3, s, s, device=dev)
+    sync = torch.cuda.synchronize if tr.device.type == "cuda" else (lambda: None)
+    xr = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=tr.device)
     if tr.channels_last:
         xr = xr.contiguous(memory_format=torch.channels_last)
-    yr = torch.randint(0, 5, (b,), device=dev)
-    # evaluation runs in its own measured precision and layout (Trainer.predict switches to them)
-    layout = {True: torch.channels_last, False: torch.contiguous_format}
-    xe = xr.contiguous(memory_format=layout[tr.eval_channels_last])
+    return {**_train_sides(tr, args, xr, sync), **_eval_sides(tr, args, xr, sync)}
+
+
+def _train_sides(tr, args, xr, sync) -> dict:
+    """The loop's own epoch code for ``steps`` batches vs its train step on the random ``xr``."""
+    import torch
+
+    yr = torch.randint(0, 5, (args.batch_size,), device=tr.device)
     epoch = [0]
 
     def real_train() -> float:
@@ -114,7 +115,7 @@ def timed_sides(tr, args) -> dict:
             epoch[0] += 1
             left -= n
         sync()
-        return args.steps * b / (time.perf_counter() - t)
+        return args.steps * args.batch_size / (time.perf_counter() - t)
 
     def random_train() -> float:
         tr.model.train()
@@ -123,12 +124,23 @@ def timed_sides(tr, args) -> dict:
         for _ in range(args.steps):
             tr.train_step(xr, yr)
         sync()
-        return args.steps * b / (time.perf_counter() - t)
+        return args.steps * args.batch_size / (time.perf_counter() - t)
 
-    model = tr.model.module if hasattr(tr.model, "module") else tr.model
-    # every cached image, in order, as evaluation would read them
+    return {"train_real": real_train, "train_random": random_train}
+
+
+def _eval_sides(tr, args, xr, sync) -> dict:
+    """Evaluation's own code over every cached image, in order, vs the bare forward on ``xr``;
+    both in evaluation's measured precision and layout (switched untimed, as Trainer.predict does)."""
+    import torch
+
+    from klgrade.runs.cnn import forward_probs, predict_batches
     from klgrade.view.batches import ViewBatches, make_loader
 
+    dev, b = tr.device, args.batch_size
+    layout = {True: torch.channels_last, False: torch.contiguous_format}
+    xe = xr.contiguous(memory_format=layout[tr.eval_channels_last])
+    model = tr.model.module if hasattr(tr.model, "module") else tr.model
     loader = make_loader(ViewBatches(tr.data.views, range(len(tr.data.df))), b, shuffle=False,
                          workers=args.workers, pin_memory=dev.type == "cuda")
 
@@ -155,15 +167,14 @@ def timed_sides(tr, args) -> dict:
         sync()
         return args.steps * b / (time.perf_counter() - t)
 
-    def evaluating(fn):  # fn timed with the model in the evaluation layout (switched untimed)
+    def evaluating(fn):  # fn timed with the model in the evaluation layout
         model.to(memory_format=layout[tr.eval_channels_last])
         try:
             return fn()
         finally:
             model.to(memory_format=layout[tr.channels_last])
 
-    return {"train_real": real_train, "train_random": random_train,
-            "eval_real": lambda: evaluating(real_eval), "eval_random": lambda: evaluating(random_eval)}
+    return {"eval_real": lambda: evaluating(real_eval), "eval_random": lambda: evaluating(random_eval)}
 
 
 def summary(res: dict, tr, args, data: str) -> dict:

@@ -5,7 +5,7 @@
 # (benchmarks/study_pretrained_kneekl224.sh): selection on a patient-level 10% hold-out of train,
 # reported on kneeKL224 val (the runs' 'test').
 #   bash benchmarks/study_gpu_kneekl224.sh            # on a lent GPU (needs make install, kneeKL224)
-#   DEVICE=cpu SUBSET=3 IMG=64 FT_EPOCHS=1 SCRATCH_EPOCHS=1 N_BOOT=50 bash benchmarks/study_gpu_kneekl224.sh  # smoke test
+#   DEVICE=cpu SUBSET=8 IMG=64 FT_EPOCHS=1 SCRATCH_EPOCHS=1 N_BOOT=50 bash benchmarks/study_gpu_kneekl224.sh  # smoke test
 # Writes $STUDY (run dirs, report) and $OUT_JSON: device, seconds per step and in all, each row's
 # QWK; copies the JSON and the report's tables to $OUT when set (the device tool's output folder).
 # Re-running skips finished steps (their seconds are kept), so a killed run costs only its last step.

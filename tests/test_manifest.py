@@ -105,3 +105,23 @@ def test_holdout_moves_patients_only_from_train():
 def test_bad_fractions():
     with pytest.raises(ValueError, match="sum to 1"):
         patient_split(_cohort(10), "0.5,0.1", seed=0)
+
+
+def test_a_small_hold_out_is_never_empty_and_large_splits_are_unchanged():
+    # 9 training patients over five grades: 10% rounds to 0 in every grade, but the whole asks for 1
+    df = _cohort(9)
+    df["split"] = "train"
+    out = holdout_split(df, 0.1, seed=0)
+    assert out.groupby("split")["patient_id"].nunique().to_dict() == {"train": 8, "val": 1}
+    assert (out.groupby("patient_id")["split"].nunique() == 1).all()
+    # where every split is filled by the per-grade rounding, the assignment is the per-grade one
+    big = _cohort(200)
+    a = patient_split(big, (0.7, 0.1, 0.2), seed=4)
+    for name, n in a.groupby(big["patient_id"]).first().value_counts().items():
+        assert n > 0, name
+    grades = big.groupby("patient_id")["klg"].max()
+    per_grade = a.groupby(big["patient_id"]).first().groupby(grades).value_counts().unstack(fill_value=0)
+    from klgrade.ingest.splits import _largest_remainder
+
+    for g, row in per_grade.iterrows():  # each grade split by its own largest remainder
+        assert row.reindex(["train", "val", "test"]).tolist() == _largest_remainder(int(row.sum()), (0.7, 0.1, 0.2)), g

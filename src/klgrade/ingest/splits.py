@@ -42,7 +42,27 @@ def patient_split(
             for p in pats[start : start + c]:
                 assign[p] = name
             start += c
+    _fill_empty(assign, patient_grade, fractions, names, rng)
     return df["patient_id"].map(assign).rename("split")
+
+
+def _fill_empty(assign: dict, patient_grade: pd.Series, fractions, names, rng) -> None:
+    """Rounding stratum by stratum can leave a split empty that the fractions give a patient (10%
+    of 9 patients in five grades is 0 in every grade): move one there from the largest split, out
+    of its most common grade. Datasets with every split filled are left exactly as they were."""
+    want = dict(zip(names, _largest_remainder(len(patient_grade), fractions)))
+    for name in names:
+        if want[name] == 0 or name in assign.values():
+            continue
+        sizes = pd.Series(assign).value_counts()
+        if sizes.iloc[0] < 2:  # nobody to spare
+            return
+        donor = sizes.index[0]
+        pats = [p for p, s in assign.items() if s == donor]
+        grades = patient_grade.loc[pats]
+        common = grades.value_counts().sort_index(kind="stable").idxmax()
+        pool = sorted(grades.index[grades == common])
+        assign[pool[int(rng.integers(len(pool)))]] = name
 
 
 def _largest_remainder(n: int, fractions) -> list[int]:

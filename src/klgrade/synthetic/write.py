@@ -150,27 +150,41 @@ def write_dicom_tree(
     is_missing = _pick(n_knee, missing_label_frac, rng)
     is_dup = _pick(n_knee, duplicate_read_frac, rng)
     for j, (pid, v) in enumerate(tqdm(jobs, desc="synth dicom", disable=None if progress is None else not progress)):
-        fake_name, fake_id, birth, base = _identity(seed, pid)
-        date = (base + _dt.timedelta(days=int(round(v * 30.44)) + int(rng.integers(-20, 21)))).strftime("%Y%m%d")
-        r, lft = by_key[(pid, v, "R")], by_key[(pid, v, "L")]
-        film, vrange = _film_settings(rng, spacing_range, shape, is_m1[j], is_cr[j], is_ps[j])
-        film.update(barcode=f"016{next(nb):05d}", dicom_patient_name=fake_name, dicom_patient_id=fake_id,
-                    dicom_birth_date=birth)
-        folder = f"{_oai_series_folder(v)}/{pid}/{date}/{film['barcode']}"
-        rel = f"{_release_dir(v)}/{folder}/001"
-        tr = _write_film(out / rel, rng, r, lft, film, vrange, date, f"{seed}-{pid}-{v}")
-        contents[v].append({"Folder": folder, "ParticipantID": pid,
-                            "StudyDate": date, "Barcode": film["barcode"], "StudyDescription": "OAI knee x-ray",
-                            "SeriesDescription": KNEE_SERIES})
-        for k, (side, row) in enumerate((("R", r), ("L", lft))):
-            knee_truth, knee_labels = _knee_rows(rel, pid, v, side, row, tr[side], film, bool(is_missing[2 * j + k]),
-                                                 bool(is_dup[2 * j + k]), rng)
-            truth.append(knee_truth)
-            labels[v] += knee_labels
-        if is_other[j]:
-            contents[v].append(_other_series(out, rng, f"016{next(nb):05d}", pid, v, film, date, seed,
-                                             other_series_shape))
+        flags = {"m1": is_m1[j], "cr": is_cr[j], "ps": is_ps[j], "other": is_other[j],
+                 "missing": is_missing[2 * j: 2 * j + 2], "dup": is_dup[2 * j: 2 * j + 2]}
+        knees = (by_key[(pid, v, "R")], by_key[(pid, v, "L")])
+        rows, knee_truths, knee_labels = _write_visit(out, rng, nb, seed, pid, v, knees, flags, spacing_range,
+                                                      shape, other_series_shape)
+        contents[v] += rows
+        truth += knee_truths
+        labels[v] += knee_labels
     return _write_tables(out, visits, contents, labels, truth)
+
+
+def _write_visit(out: Path, rng, barcodes, seed: int, pid: str, v: int, knees: tuple, flags: dict,
+                 spacing_range, shape, other_series_shape) -> tuple[list[dict], list[dict], list[dict]]:
+    """One participant's visit: its bilateral film (and, when ``flags['other']``, a non-knee
+    series). Returns (contents.csv rows, truth rows, label rows)."""
+    fake_name, fake_id, birth, base = _identity(seed, pid)
+    date = (base + _dt.timedelta(days=int(round(v * 30.44)) + int(rng.integers(-20, 21)))).strftime("%Y%m%d")
+    r, lft = knees
+    film, vrange = _film_settings(rng, spacing_range, shape, flags["m1"], flags["cr"], flags["ps"])
+    film.update(barcode=f"016{next(barcodes):05d}", dicom_patient_name=fake_name, dicom_patient_id=fake_id,
+                dicom_birth_date=birth)
+    folder = f"{_oai_series_folder(v)}/{pid}/{date}/{film['barcode']}"
+    rel = f"{_release_dir(v)}/{folder}/001"
+    tr = _write_film(out / rel, rng, r, lft, film, vrange, date, f"{seed}-{pid}-{v}")
+    rows = [{"Folder": folder, "ParticipantID": pid, "StudyDate": date, "Barcode": film["barcode"],
+             "StudyDescription": "OAI knee x-ray", "SeriesDescription": KNEE_SERIES}]
+    truth, labels = [], []
+    for k, (side, row) in enumerate((("R", r), ("L", lft))):
+        knee_truth, knee_labels = _knee_rows(rel, pid, v, side, row, tr[side], film, bool(flags["missing"][k]),
+                                             bool(flags["dup"][k]), rng)
+        truth.append(knee_truth)
+        labels += knee_labels
+    if flags["other"]:
+        rows.append(_other_series(out, rng, f"016{next(barcodes):05d}", pid, v, film, date, seed, other_series_shape))
+    return rows, truth, labels
 
 
 def _film_settings(rng, spacing_range, shape, monochrome1: bool, cr: bool,
