@@ -68,3 +68,19 @@ def test_area_reduce_is_the_block_mean_of_a_view_without_copying_it():
     assert got.shape == (25, 41)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert area_reduce(part, 1) is part
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("mode", ["reflect", "nearest"])
+def test_filtering_some_rows_gives_the_whole_images_numbers_there(dtype, mode):
+    # JSW filters only the rows its path search reads: they must be the very numbers of the whole
+    # image's filter, at the image's own border too; the rows not asked for are 0
+    rng = np.random.default_rng(7)
+    img = rng.random((120, 90)).astype(dtype)
+    for sig_r, sig_c, order in ((1.5, 1.5, 0), (1.0, 2.0, 1), (2.7, 0.7, 2)):
+        full = gaussian_filter(img, sig_r, sig_c, order_rows=order, mode=mode)
+        for lo, hi in ((40, 70), (0, 9), (-5, 3), (100, 130), (3, 117), (60, 60)):
+            part = gaussian_filter(img, sig_r, sig_c, order_rows=order, mode=mode, rows=(lo, hi))
+            a, b = max(0, lo), min(120, hi)
+            np.testing.assert_array_equal(part[a:b], full[a:b])
+            assert not part[:a].any() and not part[b:].any()

@@ -35,12 +35,24 @@ def gaussian_kernel(sigma: float, order: int = 0) -> np.ndarray:
 
 
 def gaussian_filter(img: np.ndarray, sigma_rows: float, sigma_cols: float, order_rows: int = 0,
-                    mode: str = "nearest") -> np.ndarray:
+                    mode: str = "nearest", rows: tuple[int, int] | None = None) -> np.ndarray:
     """``ndimage.gaussian_filter(img, (sigma_rows, sigma_cols), order=(order_rows, 0), mode=mode)``
-    for a 2-D float32/float64 image, in its own float type."""
+    for a 2-D float32/float64 image, in its own float type. ``rows`` (lo, hi): only rows lo:hi are
+    filtered, each to the very numbers the whole image's filter gives (the block filtered reaches a
+    kernel radius beyond them, or the image's own border); the other rows are 0."""
     depth = cv2.CV_64F if img.dtype == np.float64 else cv2.CV_32F
-    return cv2.sepFilter2D(np.ascontiguousarray(img), depth, gaussian_kernel(sigma_cols),
-                           gaussian_kernel(sigma_rows, order_rows), borderType=_BORDERS[mode])
+    kx, ky = gaussian_kernel(sigma_cols), gaussian_kernel(sigma_rows, order_rows)
+    if rows is None:
+        return cv2.sepFilter2D(np.ascontiguousarray(img), depth, kx, ky, borderType=_BORDERS[mode])
+    h = img.shape[0]
+    lo, hi = max(0, rows[0]), min(h, rows[1])
+    reach = len(ky) // 2
+    a, b = max(0, lo - reach), min(h, hi + reach)
+    out = np.zeros(img.shape, img.dtype)  # calloc: rows never written are never touched
+    if hi > lo:
+        block = cv2.sepFilter2D(np.ascontiguousarray(img[a:b]), depth, kx, ky, borderType=_BORDERS[mode])
+        out[lo:hi] = block[lo - a: hi - a]
+    return out
 
 
 def percentile(values: np.ndarray, q):

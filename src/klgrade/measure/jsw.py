@@ -371,8 +371,10 @@ def _compartments(g: np.ndarray, jrow: int, medial_right: bool, scale: float, m,
     """Both compartments of the normalised ROI ``g`` (joint line at row ``jrow``; ``scale``: unit
     per work px; ``m``: work px -> input px; ``img_w``: the input's width, for the columns on it):
     {'medial': Compartment, 'lateral': Compartment}."""
-    smooth = gaussian_filter(g, 1.5, 1.5, mode="reflect")
-    dy = gaussian_filter(g, SIG_Y, SIG_X, order_rows=1, mode="reflect")
+    # only the rows _trace reads are filtered: the path's search band, and its margins' reach
+    s, reach = int(SEARCH * WORK_W), int(EDGE_REACH * WORK_W)
+    smooth = gaussian_filter(g, 1.5, 1.5, mode="reflect", rows=(jrow - s, jrow + s))
+    dy = gaussian_filter(g, SIG_Y, SIG_X, order_rows=1, mode="reflect", rows=(jrow - s - reach - 1, jrow + s + reach + 1))
     x = (np.arange(g.shape[1]) - (g.shape[1] - 1) / 2) / WORK_W
     x_in = m[0, 0] * np.arange(g.shape[1]) + m[0, 2]
     on_image = (x_in >= 0) & (x_in <= img_w - 1)
