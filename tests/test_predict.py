@@ -308,3 +308,20 @@ def test_each_half_of_a_film_is_copied_once_and_each_bone_band_profiled_once(mon
         assert info.ok and np.hypot(*np.subtract(info.centre, truth[side])) * 0.3 < 5  # mm
         assert seen[0] and seen[-1]  # the half itself, as located and as cropped: already contiguous
         assert len(bands) == len(set(bands)) == 2 * (len(seen) - 1)  # 2 bands per location, each once
+
+
+def test_grading_a_film_does_not_import_scikit_learn(tiny_cnn_run, bilateral_dicom):
+    # scikit-learn takes ~1 s to import: `klgrade predict` (the CLI, which registers every command,
+    # and the grader) must not pay it; metrics import it when one is computed
+    import subprocess
+    import sys
+
+    code = ("import sys; from klgrade.cli import build_parser; build_parser(); "
+            "from klgrade.clinic.grader import Grader; "
+            f"Grader.from_run({str(tiny_cnn_run)!r}, device='cpu').predict_file({str(bilateral_dicom[0])!r}); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'sklearn')[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    from klgrade.evaluate.metrics import qwk
+
+    assert qwk([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]) == 1.0

@@ -6,7 +6,6 @@ never predicted (or absent from the truth) still counts as a row/column of zeros
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import cohen_kappa_score, confusion_matrix, precision_recall_fscore_support
 
 from klgrade.grades import GRADES, N_GRADES  # noqa: F401 - re-exported (metrics.GRADES)
 
@@ -24,11 +23,15 @@ def _as_int(y) -> np.ndarray:
 
 def confusion(y_true, y_pred) -> np.ndarray:
     """5x5 counts; rows = true grade, columns = predicted grade."""
+    from sklearn.metrics import confusion_matrix  # scikit-learn imports in ~1 s: only when a metric is asked
+
     return confusion_matrix(_as_int(y_true), _as_int(y_pred), labels=list(GRADES))
 
 
 def qwk(y_true, y_pred) -> float:
     """Quadratic weighted Cohen's kappa over grades 0-4 (0.0 when undefined, e.g. a single class)."""
+    from sklearn.metrics import cohen_kappa_score
+
     t, p = _as_int(y_true), _as_int(y_pred)
     if len(t) == 0:
         return float("nan")
@@ -65,6 +68,8 @@ def balanced_accuracy(y_true, y_pred) -> float:
 
 def per_grade(y_true, y_pred) -> dict[str, list[float]]:
     """Precision, recall, F1 and support per grade 0-4; zero division counts as 0."""
+    from sklearn.metrics import precision_recall_fscore_support
+
     p, r, f, s = precision_recall_fscore_support(
         _as_int(y_true), _as_int(y_pred), labels=list(GRADES), zero_division=0
     )
