@@ -229,3 +229,18 @@ def test_balanced_heads_do_not_collapse_a_rare_grade(fitter):
     m = compute_metrics(yte, model.predict_proba(Xte).argmax(1))
     assert m["qwk"] > 0.8
     assert min(m["f1"]) > 0.2, m["f1"]  # every grade, KL1 included, is predicted
+
+
+def test_the_cli_offers_every_registered_head_and_lists_them_without_torch():
+    import subprocess
+    import sys
+
+    from klgrade.config import HEAD_KINDS
+    from klgrade.heads import HEADS
+
+    assert set(HEAD_KINDS) == set(HEADS)
+    # `klgrade --help` (every command registers its options) starts in a fraction of a second:
+    # importing torch alone takes ~2 s
+    code = "import sys; from klgrade.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

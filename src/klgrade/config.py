@@ -127,6 +127,37 @@ class TrainConfig:
 # built-in default; "finetune" is the recipe measured best for ImageNet-pretrained backbones on
 # kneeKL224 (README, "The study's answer"): the new head learns at 1e-3 while layer-wise decay 0.8
 # keeps the stem's features, half an epoch of warm-up, dropout before the head, 16 epochs. Its noise
+# the heads `fit-head` offers (klgrade.heads registers one class per name; a test keeps them equal):
+# kept here so the CLI lists them without importing torch
+HEAD_KINDS = ("mlp", "linear", "xgboost")
+
+
+@dataclass
+class HeadConfig:
+    """Everything a head run needs (klgrade.heads); written to its config.yaml."""
+    head: str = "mlp"
+    seed: int = 0
+    balance: bool = True  # class-balanced loss / sample weights
+    val_fraction: float = 0.1  # patient-level hold-out of train when the manifest has no val split
+    # mlp
+    hidden: tuple[int, ...] = (256, 64)
+    dropout: float = 0.3
+    epochs: int = 40
+    patience: int = 6
+    batch_size: int = 512
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    device: str = "cpu"
+    # linear: C grid searched on validation QWK unless one C is given
+    C: tuple[float, ...] = (0.01, 0.1, 1.0)
+    max_iter: int = 50  # L-BFGS iterations per C
+    # xgboost
+    n_estimators: int = 500
+    max_depth: int = 4
+    learning_rate: float = 0.1
+    early_stopping_rounds: int = 30
+
+
 # augmentation covers a film's noise as the view passes it on (sigma ~0.052, grainy; docs/robustness.md):
 # the ImageNet-initialised network lost 0.065 QWK under that noise with the scratch ranges. It is drawn
 # in 70% of images, not 40%: on the patient-level hold-out both seeds at 0.4 lost > 0.05 under a

@@ -36,14 +36,14 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def register(sub) -> None:
-    from klgrade.heads import HEADS, HeadConfig
+    from klgrade.config import HEAD_KINDS, HeadConfig  # not klgrade.heads: torch is not needed to list them
 
     d = HeadConfig()
     p = sub.add_parser("fit-head", help="fit an mlp/linear/xgboost head on an embedding store into a run dir",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--embeddings", required=True, metavar="STORE", help="embedding store made by `klgrade embed`")
     p.add_argument("--data", required=True, help="dataset dir with manifest.csv (labels and splits)")
-    p.add_argument("--head", choices=HEADS, default="mlp", help="default mlp")
+    p.add_argument("--head", choices=HEAD_KINDS, default="mlp", help="default mlp")
     p.add_argument("--out", required=True, metavar="RUN", help="run dir to create")
     p.add_argument("--seed", type=int, default=d.seed, help=f"default {d.seed}")
     p.add_argument("--name", help="display name of the run (default: folder name)")

@@ -13,10 +13,9 @@ through ``predict_proba`` only (klgrade.runs.head).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
+from klgrade.config import HeadConfig  # noqa: F401 - re-exported (heads.HeadConfig)
 from klgrade.evaluate.metrics import N_GRADES
 from klgrade.rundir import RunError
 
@@ -58,31 +57,6 @@ class Head:
     @staticmethod
     def torch_layers(state: dict):
         return None
-
-
-@dataclass
-class HeadConfig:
-    head: str = "mlp"
-    seed: int = 0
-    balance: bool = True  # class-balanced loss / sample weights
-    val_fraction: float = 0.1  # patient-level hold-out of train when the manifest has no val split
-    # mlp
-    hidden: tuple[int, ...] = (256, 64)
-    dropout: float = 0.3
-    epochs: int = 40
-    patience: int = 6
-    batch_size: int = 512
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    device: str = "cpu"
-    # linear: C grid searched on validation QWK unless one C is given
-    C: tuple[float, ...] = (0.01, 0.1, 1.0)
-    max_iter: int = 50  # L-BFGS iterations per C
-    # xgboost
-    n_estimators: int = 500
-    max_depth: int = 4
-    learning_rate: float = 0.1
-    early_stopping_rounds: int = 30
 
 
 def class_weights(y: np.ndarray) -> np.ndarray:
