@@ -234,3 +234,38 @@ def test_crop_mask_is_the_warped_image_extent_at_every_framing():
         np.testing.assert_array_equal(inside, want)
         whole += bool(want.all())
     assert 20 < whole < 380  # both paths taken
+
+
+def _recut_cases():
+    """(image, spacing, side, joint) of every framing a view is made of: both knees of a film
+    (square and non-square pixels), a film whose left leg is blanked (no longer two legs), a single
+    knee with and without spacing, a prepared crop with a stated joint and a flat image (fallback)."""
+    rng = np.random.default_rng(5)
+    film, _ = render_bilateral(2, 4, rng, spacing_mm=0.28, shape=(1000, 1280))
+    half_empty = film.copy()
+    half_empty[:, 700:] = float(np.median(film[:, 600:680]))
+    knee = render_knee(3, rng, size_px=300)[0]
+    flat = np.full((120, 160), 0.4, np.float32) + 0.01 * rng.standard_normal((120, 160)).astype(np.float32)
+    return [(film, 0.28, "R", None), (film, 0.28, "L", None), (film, (0.29, 0.27), "L", None),
+            (half_empty, 0.28, "L", None), (knee, None, None, None), (knee, 0.3, None, None),
+            (knee, 0.3, None, (150.0, 170.0)), (flat, None, None, None)]
+
+
+@pytest.mark.parametrize("case", range(8))
+def test_a_view_cut_again_at_another_size_is_that_sizes_view_without_locating_again(case, monkeypatch):
+    # the display crop (serve's page, the PACS capture, heatmaps) and the JSW overlay re-cut the graded
+    # view larger: they must be the views canonical_view makes at that size, on the same joint
+    from klgrade.ingest import roi
+    from klgrade.view.canonical import recut_view
+
+    img, spacing, side, joint = _recut_cases()[case]
+    made, info = canonical_view(img, 64, spacing_mm=spacing, side=side, joint=joint)
+    for size in (64, 160, 384):
+        want, want_info = canonical_view(img, size, spacing_mm=spacing, side=side, joint=joint)
+        assert repr(want_info) == repr(info)  # locating does not depend on the size (repr: nan == nan)
+        with monkeypatch.context() as m:
+            m.setattr(roi, "locate_knee", lambda *a, **k: pytest.fail("located again"))
+            m.setattr(roi, "is_bilateral", lambda *a, **k: pytest.fail("split again"))
+            got = recut_view(img, size, info, spacing)
+        np.testing.assert_array_equal(got, want)
+    assert (info.legs_cut is not None) == (info.side in ("R", "L"))

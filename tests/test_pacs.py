@@ -306,27 +306,32 @@ def test_predict_dicom_out_writes_the_same_sr_and_sc(tmp_path, films, tiny_cnn_r
 
 
 def test_capture_draws_the_jsw_on_the_display_view_the_heatmap_used(films, tiny_cnn_run, monkeypatch):
-    # the display view re-locates the knee at 384 px (~12 ms of CPU a knee): made once per knee,
-    # for the Grad-CAM panel and the measured lines alike
-    import klgrade.measure.files as files
+    # the display view is the graded crop cut again at 384 px, not the knee located again (~12 ms
+    # of CPU a knee): cut once per knee, for the Grad-CAM panel and the measured lines alike
     import klgrade.view.entrance as entrance
     from klgrade.clinic.grader import DISPLAY_PX, Grader
     from klgrade.clinic.pacs.grading import grade_instance
 
     grader = Grader.from_run(tiny_cnn_run, tta="none")
     film = films["knees"][0]
-    sizes, make_view = [], entrance.make_view
+    made, recut = [], []
+    make_view, recut_view = entrance.make_view, entrance.recut_view
 
-    def counted(img, size, **kw):
-        sizes.append(size)
+    def counted_make(img, size, **kw):
+        made.append(size)
         return make_view(img, size, **kw)
 
-    monkeypatch.setattr(entrance, "make_view", counted)
-    monkeypatch.setattr(files, "make_view", counted)
+    def counted_recut(img, size, info, spacing=None):
+        recut.append(size)
+        return recut_view(img, size, info, spacing)
+
+    monkeypatch.setattr(entrance, "make_view", counted_make)
+    monkeypatch.setattr(entrance, "recut_view", counted_recut)
     res = grade_instance(grader, film, pydicom.dcmread(film, stop_before_pixels=True))
     assert [k["klg"] is not None for k in res.knees] == [True, True]
     assert sum(o is not None and o.shape[:2] == (DISPLAY_PX, DISPLAY_PX) for o in res.jsw_overlays) == 2
-    assert sizes.count(DISPLAY_PX) == 2 and all("_jsw_overlay" not in k for k in res.knees)
+    assert recut == [DISPLAY_PX, DISPLAY_PX] and DISPLAY_PX not in made
+    assert all("_jsw_overlay" not in k for k in res.knees)
 
 
 def test_sr_jsw_in_relative_units_and_flags_round_trip(films):

@@ -215,12 +215,11 @@ def knee_result(knee: Knee, probs: np.ndarray) -> dict:
 def display_view(knee: Knee) -> np.ndarray:
     """uint8 square of the knee at DISPLAY_PX: the model view's crop with more pixels, in the
     canonical orientation the model saw (see ``unflip`` for the film's own orientation)."""
-    from klgrade.view.entrance import make_view
+    from klgrade.view.entrance import view_at
 
     if knee.source is None or knee.view.shape[0] >= DISPLAY_PX:
         return knee.view
-    img, spacing, side = knee.source
-    return make_view(img, DISPLAY_PX, spacing_mm=spacing, side=side)[0]
+    return view_at(knee, DISPLAY_PX)  # the graded crop with more pixels: not located again
 
 
 def jsw_display(knee: Knee, canon: np.ndarray | None = None) -> np.ndarray | None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from klgrade.measure.jsw import JSW, failed, measure_knee
 from klgrade.measure.overlay import draw
-from klgrade.view.entrance import Knee, at_locate_scale, film_views, make_view, read_film
+from klgrade.view.entrance import Knee, at_locate_scale, film_views, read_film, view_at
 
 TILE = 192  # overlay tile size (px) of the contact sheet
 # views this size are cut from the array JSW is measured on (view.entrance.at_locate_scale)
@@ -56,9 +56,4 @@ def overlay(k: Knee, size: int = TILE, view: np.ndarray | None = None) -> np.nda
     """RGB tile of the knee's view at ``size`` with its measured lines drawn (canonical orientation).
     ``view``: the measured knee's view at ``size`` when the caller has made it already."""
     m = k.measured_on or k
-    if view is None and m.view is not None and m.view.shape[0] == size:
-        view = m.view
-    if view is None:
-        img, spacing, side = m.source
-        view = make_view(img, size, spacing_mm=spacing, side=side)[0]
-    return draw(view, k.jsw, m.info)
+    return draw(view_at(m, size) if view is None else view, k.jsw, m.info)

@@ -79,6 +79,7 @@ class ViewInfo:
     # framed on the joint and spacing a prepared crop states (not located: width_px is unknown); such
     # crops are in the canonical orientation (a left knee mirrored), so the medial side is known
     joint_stated: bool = False
+    legs_cut: int | None = None  # a bilateral film's knee: the column its legs were split at
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -228,15 +229,7 @@ def canonical_view(img: np.ndarray, size: int, spacing_mm=None, side: str | None
     ``joint``: the (x, y) centre of a one-knee image with a spacing, already located (a crop
     prepare oai cut around the joint it found): the view is framed on it, not located again.
     """
-    img = np.asarray(img, np.float32)
-    if img.ndim != 2:
-        raise ValueError(f"expected a 2-D grayscale image, got shape {img.shape}")
-    spacing = _spacing(spacing_mm)
-    if isinstance(spacing, tuple):
-        sy, sx = spacing
-        if not math.isclose(sy, sx, rel_tol=0.01):  # non-square pixels: resample rows to square ones
-            img = resize_image(img, (max(16, round(img.shape[0] * sy / sx)), img.shape[1]))
-        spacing = sx
+    img, spacing = _square_pixels(img, spacing_mm)
     h, w = img.shape
     if bilateral is None:
         legs_cut = bilateral_cut(img, spacing)
@@ -250,20 +243,56 @@ def canonical_view(img: np.ndarray, size: int, spacing_mm=None, side: str | None
         cx, cy, fov, src, ok, reason, width = _unilateral(part, spacing)
         view, valid = _crop(part, cx, cy, fov, size)
         cx = a + (cx if side == "R" else part.shape[1] - 1 - cx)
-        info = ViewInfo((float(cx), float(cy)), float(fov), src, ok, reason, float(width), side, side == "L")
+        info = ViewInfo((float(cx), float(cy)), float(fov), src, ok, reason, float(width), side, side == "L",
+                        legs_cut=int(cut))
         return standardise(view, valid, intensity, clahe), info
     if joint is not None and spacing is not None:
         cx, cy, fov, src, ok, reason, width = *joint, FOV_MM / spacing, "spacing", True, "", float("nan")
     else:
         cx, cy, fov, src, ok, reason, width = _unilateral(img, spacing)
-    if ok:
-        view, valid = _crop(img, cx, cy, fov, size)
-    else:  # centred square crop, joint row not assumed
-        s = min(h, w)
-        view, valid = _crop(img, (w - 1) / 2, (h - 1) / 2 - (0.5 - JOINT_ROW) * s, float(s), size)
+    view, valid = _crop(img, cx, cy, fov, size) if ok else _centred_crop(img, size)
     return standardise(view, valid, intensity, clahe), ViewInfo((float(cx), float(cy)), float(fov), src, ok,
                                                                  reason, float(width),
                                                                  joint_stated=joint is not None and spacing is not None)
+
+
+def _square_pixels(img, spacing_mm) -> tuple[np.ndarray, float | None]:
+    """The 2-D float32 image with square pixels (rows resampled when they are not) and its spacing."""
+    img = np.asarray(img, np.float32)
+    if img.ndim != 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {img.shape}")
+    spacing = _spacing(spacing_mm)
+    if isinstance(spacing, tuple):
+        sy, sx = spacing
+        if not math.isclose(sy, sx, rel_tol=0.01):  # non-square pixels: resample rows to square ones
+            img = resize_image(img, (max(16, round(img.shape[0] * sy / sx)), img.shape[1]))
+        spacing = sx
+    return img, spacing
+
+
+def _centred_crop(img: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A joint that could not be established: the centred square crop, joint row not assumed."""
+    h, w = img.shape
+    s = min(h, w)
+    return _crop(img, (w - 1) / 2, (h - 1) / 2 - (0.5 - JOINT_ROW) * s, float(s), size)
+
+
+def recut_view(img: np.ndarray, size: int, info: ViewInfo, spacing_mm=None, intensity: str = "match",
+               clahe: bool = False) -> np.ndarray:
+    """The view ``info`` describes, cut again at another ``size`` from the same image (a display
+    crop, an overlay): framed on the joint already located, which does not depend on the size, so it
+    is ``canonical_view``'s view at that size without locating the knee again."""
+    img, _ = _square_pixels(img, spacing_mm)
+    cx, cy = info.centre
+    if info.legs_cut is not None:  # a bilateral film's knee: its leg, as canonical_view cut it
+        part, a = leg_half(img, info.side, info.legs_cut)
+        cx = cx - a if info.side == "R" else part.shape[1] - 1 - (cx - a)
+        view, valid = _crop(part, cx, cy, info.fov_px, size)
+    elif info.ok:
+        view, valid = _crop(img, cx, cy, info.fov_px, size)
+    else:
+        view, valid = _centred_crop(img, size)
+    return standardise(view, valid, intensity, clahe)
 
 
 def reference_quantiles(views: np.ndarray, valids: np.ndarray | None = None) -> np.ndarray:

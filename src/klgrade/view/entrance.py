@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from klgrade.ingest.roi import bilateral_cut
-from klgrade.view.canonical import FOV_MM, ViewInfo, canonical_view
+from klgrade.view.canonical import FOV_MM, ViewInfo, canonical_view, recut_view
 
 SIDE_NAMES = {"R": "right", "L": "left", "U": "unknown"}
 # A film is area-reduced before cropping while it stays this much finer than the views (see
@@ -54,6 +54,15 @@ def make_view(image: np.ndarray, size: int, spacing_mm=None, side: str | None = 
               **known) -> tuple[np.ndarray, ViewInfo]:
     """The model's uint8 ``size`` x ``size`` view of a 2-D float image and how it was made."""
     return canonical_view(image, size, spacing_mm=spacing_mm, side=side, **known)
+
+
+def view_at(knee: Knee, size: int) -> np.ndarray:
+    """The knee's view at ``size`` px: its own when it is that size, else cut again from its source
+    on the joint its view was framed on (``recut_view``: the view at that size, not located again)."""
+    if knee.view is not None and knee.view.shape[0] == size:
+        return knee.view
+    img, spacing, _ = knee.source
+    return recut_view(img, size, knee.info, spacing)
 
 
 def square_view(img: np.ndarray, size: int, spacing_mm=None) -> np.ndarray:
