@@ -325,3 +325,20 @@ def test_grading_a_film_does_not_import_scikit_learn(tiny_cnn_run, bilateral_dic
     from klgrade.evaluate.metrics import qwk
 
     assert qwk([0, 1, 2, 3, 4], [0, 1, 2, 3, 4]) == 1.0
+
+
+def test_png_bytes_decode_to_the_very_pixels_in_their_channel_order():
+    # the page's and the CLI's PNGs (OpenCV's encoder, which wants BGR) read back by another decoder
+    import io
+
+    from klgrade.clinic.explain import png_bytes
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    rgb[..., 0] = 255  # a red image stays red
+    gray = rng.integers(0, 256, (41, 29), dtype=np.uint8)
+    for img, mode in ((rgb, "RGB"), (gray, "L")):
+        back = Image.open(io.BytesIO(png_bytes(img)))
+        assert back.mode == mode
+        np.testing.assert_array_equal(np.asarray(back), img)
+    assert png_bytes(rgb[:, ::-1])[:8] == b"\x89PNG\r\n\x1a\n"  # a strided view is encoded too

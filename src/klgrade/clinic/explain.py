@@ -12,7 +12,6 @@ evidence for this class?"). Maps are min-max scaled per image by pytorch-grad-ca
 """
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Sequence
 
@@ -125,9 +124,13 @@ def overlay(view: np.ndarray, cam: np.ndarray, image_weight: float = 0.6) -> np.
 
 
 def png_bytes(img: np.ndarray) -> bytes:
-    """Encode a uint8 gray (H, W) or RGB (H, W, 3) image as PNG."""
-    from PIL import Image
+    """Encode a uint8 gray (H, W) or RGB (H, W, 3) image as PNG. OpenCV's libpng encoder: a 384-px
+    overlay in ~7 ms where Pillow's took ~34 (its per-row filter choice), for files ~1% larger;
+    serve's page sends three a knee."""
+    import cv2
 
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(img)).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
+    img = np.asarray(img, np.uint8)
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(img[..., ::-1] if img.ndim == 3 else img))  # BGR
+    if not ok:
+        raise ValueError(f"cannot encode a {img.shape} image as PNG")
+    return buf.tobytes()
