@@ -72,6 +72,41 @@ def test_heatmaps_differ_between_knees_of_different_grades(grader, bilateral_dic
     assert res[0]["_heatmap_png"] != res[1]["_heatmap_png"]
 
 
+def _reference_cams(grader, views, classes) -> np.ndarray:
+    """Grad-CAM as pytorch-grad-cam computes it by default: the whole network's backward, to an
+    input that requires grad, with every parameter's gradient."""
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from klgrade.view.batches import views_to_tensor
+
+    layer, reshape, _ = grader.explain_target
+    x = views_to_tensor(np.asarray(views), grader.mean, grader.std, grader.device)
+    with torch.enable_grad(), GradCAM(model=grader.model, target_layers=[layer], reshape_transform=reshape) as cam:
+        cam.compute_input_gradient = True
+        maps = cam(input_tensor=x.clone(), targets=[ClassifierOutputTarget(int(c)) for c in classes])
+    grader.model.zero_grad(set_to_none=True)
+    return maps
+
+
+def test_gradcam_backward_stops_at_the_target_layer_with_the_same_maps(grader, bilateral_dicom):
+    # only the gradient at the target layer is needed: nothing below it is differentiated (no
+    # parameter gradient, the stem's backward never runs), and the maps are the library default's
+    _, knees = knees_from_file(bilateral_dicom[0], grader.img_size)
+    views = np.stack([k.view for k in knees])
+    classes = [1, 3]
+    stem_backward = []
+    hook = grader.model.conv1.register_full_backward_hook(lambda *a: stem_backward.append(1))
+    try:
+        cams = grader.heatmaps(views, classes)
+    finally:
+        hook.remove()
+    assert not stem_backward
+    assert all(p.grad is None for p in grader.model.parameters())
+    assert all(p.requires_grad for p in grader.model.parameters())  # given back trainable
+    np.testing.assert_allclose(cams, _reference_cams(grader, views, classes), atol=1e-5)
+
+
 def test_left_knee_is_mirrored_to_the_canonical_orientation(grader, tmp_path):
     from klgrade.synthetic import (
         bilateral_dataset,
@@ -193,6 +228,8 @@ def test_head_run_grades_like_its_head_model_and_explains_through_the_vit(head_s
     _, knees = knees_from_file(bilateral_dicom[0], g.img_size)
     views = np.stack([k.view for k in knees])
     np.testing.assert_allclose(g.probabilities(views), load_head_run(run).predict_views(views), atol=1e-5)
+    # through the frozen ViT (no parameter takes a gradient), the maps of a backward to the input
+    np.testing.assert_allclose(g.heatmaps(views, [0, 4]), _reference_cams(g, views, [0, 4]), atol=1e-5)
 
 
 def test_xgboost_head_grades_without_heatmap_and_says_why(head_store, bilateral_dicom):

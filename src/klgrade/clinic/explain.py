@@ -90,17 +90,31 @@ def gradcam(model: nn.Module, x: torch.Tensor, classes: Sequence[int],
     if len(classes) != len(x):
         raise ValueError(f"{len(classes)} classes for {len(x)} images")
     was_training = model.training
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    # The graph starts at the target layer's output: Grad-CAM needs the gradient there and nothing
+    # below it, so no parameter takes a gradient and the backward runs through the layers above the
+    # target only (for a CNN's last stage: the pooling and the classifier), not the whole network.
+    # Registered before GradCAM's own hooks, which look for an output that requires grad.
+    start = layer.register_forward_hook(_graph_starts_here)
     try:
+        for p in trainable:
+            p.requires_grad_(False)
         with torch.enable_grad(), GradCAM(model=model, target_layers=[layer], reshape_transform=reshape) as cam:
-            # Frozen embedders have no trainable parameter: without an input that requires grad
-            # there would be no gradient at the target layer (GradCAM's __init__ hides this flag).
-            cam.compute_input_gradient = True
-            maps = cam(input_tensor=x.detach().clone(),
-                       targets=[ClassifierOutputTarget(int(c)) for c in classes])
+            maps = cam(input_tensor=x.detach(), targets=[ClassifierOutputTarget(int(c)) for c in classes])
     finally:
+        start.remove()
+        for p in trainable:
+            p.requires_grad_(True)
         model.train(was_training)
         model.zero_grad(set_to_none=True)
     return np.asarray(maps, dtype=np.float32)
+
+
+def _graph_starts_here(module, inputs, output):
+    """Forward hook: the target layer's output as a leaf that requires grad (see ``gradcam``)."""
+    if isinstance(output, torch.Tensor) and not output.requires_grad:
+        return output.detach().requires_grad_(True)
+    return output
 
 
 def resize_map(cam: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
