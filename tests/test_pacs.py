@@ -376,3 +376,39 @@ def test_skip_reason(header, reason):
     for k, v in header.items():
         setattr(ds, k, v)
     assert skip_reason(ds).startswith(reason) and bool(reason) == bool(skip_reason(ds))
+
+
+def test_the_client_asks_for_the_pixels_as_stored_not_gzipped():
+    # requests asks for gzip by default; Orthanc then spent ~0.7 s compressing a 10 MB film that it
+    # sends as stored in ~0.03 s: every request klgrade makes says identity
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from klgrade.clinic.pacs.dicomweb import make_client
+
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append((self.path, self.headers.get("Accept-Encoding"), self.headers.get("Authorization")))
+            body = b"[]"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/dicom-web"
+        make_client(url, {"KLGRADE_PACS_BASIC": "u:p"}).search_for_studies()
+        make_client(url, {}).search_for_series()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [s[1] for s in seen] == ["identity", "identity"]
+    assert seen[0][2].startswith("Basic ") and seen[1][2] is None  # the credentials still go along
