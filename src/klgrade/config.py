@@ -123,10 +123,6 @@ class TrainConfig:
         return self
 
 
-# Named starting points for `klgrade train --recipe` (flags override them). "scratch" is the
-# built-in default; "finetune" is the recipe measured best for ImageNet-pretrained backbones on
-# kneeKL224 (README, "The study's answer"): the new head learns at 1e-3 while layer-wise decay 0.8
-# keeps the stem's features, half an epoch of warm-up, dropout before the head, 16 epochs. Its noise
 # the heads `fit-head` offers (klgrade.heads registers one class per name; a test keeps them equal):
 # kept here so the CLI lists them without importing torch
 HEAD_KINDS = ("mlp", "linear", "xgboost")
@@ -158,6 +154,10 @@ class HeadConfig:
     early_stopping_rounds: int = 30
 
 
+# Named starting points for `klgrade train --recipe` (flags override them). "scratch" is the
+# built-in default; "finetune" is the recipe measured best for ImageNet-pretrained backbones on
+# kneeKL224 (README, "The study's answer"): the new head learns at 1e-3 while layer-wise decay 0.8
+# keeps the stem's features, half an epoch of warm-up, dropout before the head, 16 epochs. Its noise
 # augmentation covers a film's noise as the view passes it on (sigma ~0.052, grainy; docs/robustness.md):
 # the ImageNet-initialised network lost 0.065 QWK under that noise with the scratch ranges. It is drawn
 # in 70% of images, not 40%: on the patient-level hold-out both seeds at 0.4 lost > 0.05 under a
